@@ -1,0 +1,311 @@
+"""VOC-layout data: annotation parsing, the embedded toy dataset and the training generator.
+
+The parsing and the toy dataset use only numpy/OpenCV; TensorFlow and keras-retinanet are
+imported only when a training generator is built.
+"""
+
+import logging
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+TOY_CLASSES = ("circle", "square", "triangle")
+
+
+class DataError(ValueError):
+    """A dataset problem that stops training before it starts."""
+
+
+@dataclass
+class ImageRecord:
+    """One image and its objects, boxes 0-based (devkit pixel 1 is our 0), float32."""
+
+    image_id: str
+    image_path: Path
+    width: int  # from <size>, 0 if absent
+    height: int
+    boxes: np.ndarray  # (objects, 4) x1, y1, x2, y2
+    labels: np.ndarray  # (objects,) int class index
+    difficult: np.ndarray  # (objects,) bool
+    truncated: np.ndarray  # (objects,) bool
+
+
+@dataclass
+class DataReport:
+    """What parsing found: counts and every problem, so nothing is dropped silently."""
+
+    images: int = 0
+    objects: int = 0
+    per_class: dict = field(default_factory=dict)
+    difficult: int = 0
+    truncated: int = 0
+    problems: list = field(default_factory=list)  # (file, message) pairs
+    skipped_objects: int = 0
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.images} images, {self.objects} objects "
+            f"({self.difficult} difficult, {self.truncated} truncated)"
+        ]
+        if self.skipped_objects:
+            lines.append(f"{self.skipped_objects} objects skipped by policy")
+        for path, message in self.problems[:20]:
+            lines.append(f"  {path}: {message}")
+        if len(self.problems) > 20:
+            lines.append(f"  ... and {len(self.problems) - 20} more problems")
+        return "\n".join(lines)
+
+
+class VocDataset:
+    """The images of one ImageSets/Main split of a VOC directory, parsed once up front.
+
+    Args:
+        root: directory with Annotations/, JPEGImages/ and ImageSets/Main/.
+        split: name of the list file, e.g. "train" for ImageSets/Main/train.txt.
+        classes: class names; the label of a class is its index here.
+        unknown_classes: "error" stops with one message naming every offending file and name;
+            "skip" drops those objects and counts them in the report.
+    """
+
+    def __init__(self, root, split: str, classes, unknown_classes: str = "error"):
+        self.root = Path(root)
+        self.split = split
+        self.classes = list(classes)
+        self.report = DataReport(per_class={name: 0 for name in self.classes})
+
+        # Read the split list; a VOC line may carry a second column (per-class lists).
+        list_path = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        ids = [line.split()[0] for line in list_path.read_text().splitlines() if line.strip()]
+
+        # Parse every annotation now, so problems surface before the first training step.
+        self.records = []
+        unknown = []
+        for image_id in ids:
+            record = self._parse(image_id, unknown, unknown_classes)
+            if record is not None:
+                self.records.append(record)
+        if unknown and unknown_classes == "error":
+            names = ", ".join(f"{path} ({name!r})" for path, name in unknown[:50])
+            raise DataError(
+                f"{len(unknown)} objects in {split} have class names outside data.classes: "
+                f"{names}{' ...' if len(unknown) > 50 else ''} "
+                "(set data.unknown_classes=skip to skip them)"
+            )
+        self.report.images = len(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _parse(self, image_id: str, unknown: list, policy: str) -> ImageRecord | None:
+        xml_path = self.root / "Annotations" / f"{image_id}.xml"
+        image_path = self.root / "JPEGImages" / f"{image_id}.jpg"
+        if not xml_path.is_file():
+            self.report.problems.append((str(xml_path), "listed in the split but missing"))
+            return None
+        if not image_path.is_file():
+            self.report.problems.append((str(image_path), "listed in the split but missing"))
+            return None
+        try:
+            root = ET.parse(xml_path).getroot()
+        except ET.ParseError as e:
+            self.report.problems.append((str(xml_path), f"malformed XML: {e}"))
+            return None
+
+        # <size> is advisory: it is compared with the decoded image when the image is read.
+        width = _int_text(root.find("size/width"))
+        height = _int_text(root.find("size/height"))
+
+        boxes, labels, difficult, truncated = [], [], [], []
+        # Only direct <object> children: <part> sub-boxes of person layout are not objects.
+        for index, obj in enumerate(root.findall("object")):
+            name = (obj.findtext("name") or "").strip()
+            if name not in self.classes:
+                unknown.append((str(xml_path), name))
+                if policy == "skip":
+                    self.report.skipped_objects += 1
+                continue
+            box = _parse_box(obj.find("bndbox"))
+            if box is None:
+                self.report.problems.append((str(xml_path), f"object {index} has no usable box"))
+                self.report.skipped_objects += 1
+                continue
+            boxes.append(box)
+            labels.append(self.classes.index(name))
+            difficult.append(_int_text(obj.find("difficult")) == 1)
+            truncated.append(_int_text(obj.find("truncated")) == 1)
+            self.report.per_class[name] += 1
+
+        self.report.objects += len(boxes)
+        self.report.difficult += sum(difficult)
+        self.report.truncated += sum(truncated)
+        return ImageRecord(
+            image_id=image_id,
+            image_path=image_path,
+            width=width,
+            height=height,
+            boxes=np.array(boxes, dtype=np.float32).reshape(-1, 4),
+            labels=np.array(labels, dtype=np.int64),
+            difficult=np.array(difficult, dtype=bool),
+            truncated=np.array(truncated, dtype=bool),
+        )
+
+    def ground_truth(self) -> dict:
+        """Ground truth in the layout of fgl_retinanet.evaluation.average_precisions."""
+        return {
+            record.image_id: [
+                {"box": box.tolist(), "label": self.classes[label], "difficult": bool(hard)}
+                for box, label, hard in zip(record.boxes, record.labels, record.difficult)
+            ]
+            for record in self.records
+        }
+
+
+def read_image_bgr(path: Path) -> np.ndarray:
+    """Reads an image as uint8 BGR (the channel order keras-retinanet's preprocessing expects)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"cannot read image {path}")
+    return image
+
+
+def make_generator(dataset: VocDataset, config, training: bool, rank: int = 0, world: int = 1):
+    """Builds the keras-retinanet generator for a dataset (imports keras-retinanet lazily)."""
+    from fgl_retinanet.pipeline import VocSequence
+
+    return VocSequence(dataset, config, training=training, rank=rank, world=world)
+
+
+def generate_toy_dataset(root, num_train: int, num_val: int, image_size: int, seed: int) -> Path:
+    """Writes a deterministic VOC-layout dataset of coloured shapes on textured backgrounds.
+
+    Three classes (circle, square, triangle), one to four objects per image, 14 to 48 pixels
+    across at `image_size` 128, partly overlapping the border sometimes, so a small detector
+    learns them on a CPU in minutes. The same arguments always give the same files.
+
+    Returns:
+        The dataset directory (holding Annotations/, JPEGImages/, ImageSets/Main/).
+    """
+    root = Path(root)
+    marker = root / "ImageSets" / "Main" / "trainval.txt"
+    if marker.is_file():
+        return root
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+
+    rng = np.random.default_rng(seed)
+    ids = [f"{i:06d}" for i in range(num_train + num_val)]
+    for image_id in ids:
+        image, objects = _draw_toy_image(rng, image_size)
+        cv2.imwrite(str(root / "JPEGImages" / f"{image_id}.jpg"), image,
+                    [cv2.IMWRITE_JPEG_QUALITY, 95])  # fmt: skip
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            _voc_xml(image_id, image_size, image_size, objects)
+        )
+
+    # Write the lists last: their presence marks a complete dataset.
+    lists = {"train": ids[:num_train], "val": ids[num_train:], "trainval": ids}
+    for name, members in lists.items():
+        (root / "ImageSets" / "Main" / f"{name}.txt").write_text("\n".join(members) + "\n")
+    logger.info("generated toy dataset: %d train, %d val images in %s", num_train, num_val, root)
+    return root
+
+
+def _draw_toy_image(rng: np.random.Generator, size: int):
+    # Smooth random background: low-resolution noise upsampled, so edges come from objects.
+    coarse = rng.integers(40, 200, size=(4, 4, 3)).astype(np.uint8)
+    image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+
+    objects = []
+    taken = []
+    for _ in range(int(rng.integers(1, 5))):
+        # Retry placement a few times to limit overlaps between objects.
+        for _attempt in range(10):
+            side = int(rng.integers(14, 49)) * size // 128
+            x1 = int(rng.integers(-side // 4, size - 3 * side // 4))
+            y1 = int(rng.integers(-side // 4, size - 3 * side // 4))
+            box = (x1, y1, x1 + side, y1 + side)
+            if all(_overlap(box, other) < 0.2 for other in taken):
+                break
+        else:
+            continue
+        taken.append(box)
+        name = TOY_CLASSES[int(rng.integers(len(TOY_CLASSES)))]
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        _draw_shape(image, name, box, colour)
+
+        # Ground truth in VOC's 1-based inclusive pixels, clipped to the image.
+        x1, y1, x2, y2 = box
+        clipped = (max(x1, 0) + 1, max(y1, 0) + 1, min(x2, size - 1) + 1, min(y2, size - 1) + 1)
+        truncated = clipped != (x1 + 1, y1 + 1, x2 + 1, y2 + 1)
+        objects.append((name, clipped, truncated))
+    return image, objects
+
+
+def _draw_shape(image: np.ndarray, name: str, box, colour) -> None:
+    x1, y1, x2, y2 = box
+    if name == "circle":
+        centre = ((x1 + x2) // 2, (y1 + y2) // 2)
+        cv2.circle(image, centre, (x2 - x1) // 2, colour, thickness=-1, lineType=cv2.LINE_AA)
+    elif name == "square":
+        cv2.rectangle(image, (x1, y1), (x2, y2), colour, thickness=-1)
+    else:
+        points = np.array([[(x1 + x2) // 2, y1], [x2, y2], [x1, y2]], dtype=np.int32)
+        cv2.fillPoly(image, [points], colour, lineType=cv2.LINE_AA)
+
+
+def _overlap(a, b) -> float:
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+
+
+def _voc_xml(image_id: str, width: int, height: int, objects) -> str:
+    parts = [
+        "<annotation>",
+        "  <folder>toy</folder>",
+        f"  <filename>{image_id}.jpg</filename>",
+        f"  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>",
+    ]
+    for name, (x1, y1, x2, y2), truncated in objects:
+        parts += [
+            "  <object>",
+            f"    <name>{name}</name><pose>Unspecified</pose>",
+            f"    <truncated>{int(truncated)}</truncated><difficult>0</difficult>",
+            f"    <bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax>"
+            "</bndbox>",
+            "  </object>",
+        ]
+    parts.append("</annotation>")
+    return "\n".join(parts) + "\n"
+
+
+def _int_text(node) -> int:
+    # Missing or empty tags mean 0 (VOC: not difficult / not truncated / size unknown).
+    if node is None or node.text is None or not node.text.strip():
+        return 0
+    try:
+        return int(float(node.text.strip()))
+    except ValueError:
+        return 0
+
+
+def _parse_box(node) -> list | None:
+    if node is None:
+        return None
+    try:
+        # Floats, never truncated; shift VOC's 1-based pixels to 0-based.
+        coords = [float(node.findtext(tag)) - 1.0 for tag in ("xmin", "ymin", "xmax", "ymax")]
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(c) for c in coords) or coords[2] <= coords[0] or coords[3] <= coords[1]:
+        return None
+    return coords

@@ -1,0 +1,260 @@
+"""Focal loss (FL) and focal gradient loss (FGL) for RetinaNet classification, with a registry.
+
+Both losses have the same forward value, ``-alpha_t * (1 - p_t)**gamma * log(p_t)`` per anchor
+and class. FL differentiates through the modulating factor ``(1 - p_t)**gamma``; FGL treats it as
+a constant, so its gradient with respect to ``p_t`` lacks the residual
+``R = alpha_t * gamma * (1 - p_t)**(gamma - 1) * log(p_t)``, i.e. ``FL' = FGL' + R``.
+
+The regression loss is not defined here: the trainer uses ``keras_retinanet.losses.smooth_l1``.
+"""
+
+from typing import Callable
+
+import tensorflow as tf
+
+# Labels above this value mark the class as present; keras-retinanet uses the same cutoff.
+LABEL_CUTOFF = 0.5
+
+# Anchor states in the last column of keras-retinanet's classification target.
+STATE_IGNORE = -1.0
+STATE_POSITIVE = 1.0
+
+# Registered loss classes by config name (`loss.name`); filled by `register_loss`.
+LOSSES: dict[str, type[tf.keras.losses.Loss]] = {}
+
+
+def register_loss(name: str) -> Callable[[type[tf.keras.losses.Loss]], type[tf.keras.losses.Loss]]:
+    """Returns a class decorator that makes a loss buildable by name through `build_loss`.
+
+    Args:
+        name: config name of the loss, e.g. ``"focal_gradient"``.
+
+    Returns:
+        A decorator that records the class in `LOSSES` and returns it unchanged.
+
+    Raises:
+        ValueError: if the name is already taken, so that two losses never shadow each other.
+    """
+
+    def decorator(cls: type[tf.keras.losses.Loss]) -> type[tf.keras.losses.Loss]:
+        if name in LOSSES:
+            raise ValueError(f"loss name {name!r} is already registered to {LOSSES[name].__name__}")
+        LOSSES[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_loss(name: str, **params) -> tf.keras.losses.Loss:
+    """Builds a registered loss from its config name and keyword arguments.
+
+    Args:
+        name: a key of `LOSSES`, e.g. ``"focal"`` or ``"focal_gradient"``.
+        **params: constructor arguments, e.g. ``alpha=0.25, gamma=2.0``.
+
+    Returns:
+        The loss instance.
+
+    Raises:
+        ValueError: for an unknown name; the message lists the known ones.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name](**params)
+
+
+@register_loss("focal")
+@tf.keras.utils.register_keras_serializable(package="fgl_retinanet")
+class FocalLoss(tf.keras.losses.Loss):
+    """Sigmoid focal loss over keras-retinanet's classification targets.
+
+    Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017,
+    https://arxiv.org/abs/1708.02002.
+    The per-element loss ``-alpha_t * (1 - p_t)**gamma * log(p_t)`` is summed over every class of
+    every anchor that is not ignored, then divided by the number of positive anchors in the whole
+    batch (at least 1).
+
+    From logits the loss uses ``log(p_t) = log_sigmoid(z_t)`` and
+    ``(1 - p_t)**gamma = exp(gamma * log_sigmoid(-z_t))``, where ``z_t`` is the logit signed by the
+    label; both stay finite, with finite gradients, for any finite logit and any ``gamma >= 0``,
+    including ``gamma < 1`` where ``pow`` has an infinite derivative at ``p_t = 1``.
+
+    Example:
+        >>> loss = FocalLoss(alpha=0.25, gamma=2.0)
+        >>> value = loss(y_true, logits)  # scalar
+
+    Args:
+        alpha: weight of the positive class; negatives get ``1 - alpha``.
+        gamma: focusing exponent of the modulating factor ``(1 - p_t)**gamma``; 0 gives weighted
+            binary cross-entropy.
+        from_logits: whether ``y_pred`` holds logits (True) or sigmoid probabilities (False).
+            Probabilities are clipped to ``[epsilon, 1 - epsilon]`` with Keras' backend epsilon,
+            as Keras' ``binary_crossentropy`` does, so that ``log`` stays finite; that clipping
+            zeroes the gradient of saturated predictions, which the logit path avoids.
+        name: name of the loss, used for Keras' name scope and logs.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        from_logits: bool = True,
+        name: str = "focal_loss",
+    ):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        if gamma < 0.0:
+            raise ValueError(f"gamma must be non-negative, got {gamma}")
+
+        # NOTE: `call` already returns the normalised scalar, and SUM_OVER_BATCH_SIZE divides a
+        # single element by 1, so direct calls and `model.compile` see the same value. We pick
+        # it over NONE because Keras gives it to keras-retinanet's plain `focal` function (AUTO
+        # resolves to it): under a `tf.distribute` strategy `compile` then divides by the replica
+        # count as for the baseline, which averages gradients like Horovod does. AUTO itself is
+        # avoided because custom training loops under a strategy reject it.
+        super().__init__(reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE, name=name)
+        self.alpha = float(alpha)
+        self.gamma = float(gamma)
+        self.from_logits = bool(from_logits)
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        """Computes the normalised focal loss of a batch.
+
+        Args:
+            y_true: (batch, anchors, classes + 1); one-hot labels followed by the anchor state
+                (-1 ignore, 0 background, 1 object).
+            y_pred: (batch, anchors, classes); logits, or probabilities if not `from_logits`.
+
+        Returns:
+            () float32 loss, summed over non-ignored anchors and classes, divided by the number
+            of positive anchors in the batch (at least 1).
+        """
+
+        # Compute in float32 whatever the model's precision: float16 logits would overflow
+        # the sums and lose the small losses of easy negatives.
+        y_true = tf.cast(y_true, tf.float32)
+        y_pred = tf.cast(y_pred, tf.float32)
+        labels = y_true[..., :-1]
+        anchor_state = y_true[..., -1]
+
+        # Replace ignored predictions by a harmless value before any arithmetic, so that a NaN or
+        # huge value there can reach neither the loss nor, through a zero times NaN product in
+        # the backward pass, the gradient.
+        valid = tf.not_equal(anchor_state, STATE_IGNORE)[..., tf.newaxis]
+        y_pred = tf.where(valid, y_pred, 0.0 if self.from_logits else 0.5)
+
+        # Express everything through p_t, the probability given to the true label.
+        is_positive = tf.greater(labels, LABEL_CUTOFF)
+        log_p_t, log_one_minus_p_t = self._log_probabilities(is_positive, y_pred)
+        alpha_t = tf.where(is_positive, self.alpha, 1.0 - self.alpha)
+
+        # The modulating factor is the only place FL and FGL differ.
+        element_loss = -alpha_t * self._modulating_factor(log_one_minus_p_t) * log_p_t
+        element_loss = tf.where(valid, element_loss, 0.0)
+
+        # Normalise by the positive anchors of the whole batch, not per image, as keras-retinanet
+        # does; at least 1 so that a batch of background only still gets a finite loss.
+        num_positive = tf.reduce_sum(tf.cast(tf.equal(anchor_state, STATE_POSITIVE), tf.float32))
+        normalizer = tf.maximum(num_positive, 1.0)
+        return tf.reduce_sum(element_loss) / normalizer
+
+    def get_config(self) -> dict:
+        """Returns the constructor arguments, so that `from_config` rebuilds an equal loss."""
+        # The reduction is fixed by the class, so it is left out of the config on purpose.
+        return {
+            "alpha": self.alpha,
+            "gamma": self.gamma,
+            "from_logits": self.from_logits,
+            "name": self.name,
+        }
+
+    def _modulating_factor(self, log_one_minus_p_t: tf.Tensor) -> tf.Tensor:
+        """Returns ``(1 - p_t)**gamma``, differentiable in ``p_t``.
+
+        Args:
+            log_one_minus_p_t: (batch, anchors, classes) ``log(1 - p_t)``.
+
+        Returns:
+            (batch, anchors, classes) modulating factor.
+        """
+        # exp(gamma * log x) has derivative -gamma * p_t * (1 - p_t)**gamma through the sigmoid,
+        # finite even for gamma < 1 and saturated logits, where pow's derivative is infinite.
+        return tf.exp(self.gamma * log_one_minus_p_t)
+
+    def _log_probabilities(
+        self, is_positive: tf.Tensor, y_pred: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Returns ``log(p_t)`` and ``log(1 - p_t)`` from logits or probabilities.
+
+        Args:
+            is_positive: (batch, anchors, classes) bool, True where the label is 1.
+            y_pred: (batch, anchors, classes) float32 logits or probabilities.
+
+        Returns:
+            Two (batch, anchors, classes) float32 tensors, ``log(p_t)`` and ``log(1 - p_t)``.
+        """
+        if self.from_logits:
+            # Sign the logit by the label so that p_t = sigmoid(z_t); log_sigmoid never
+            # saturates to log(0), unlike log(sigmoid(z)).
+            z_t = tf.where(is_positive, y_pred, -y_pred)
+            return tf.math.log_sigmoid(z_t), tf.math.log_sigmoid(-z_t)
+
+        # Clip as Keras' binary_crossentropy does, so that log stays finite at 0 and 1.
+        epsilon = tf.keras.backend.epsilon()
+        probability = tf.clip_by_value(y_pred, epsilon, 1.0 - epsilon)
+        p_t = tf.where(is_positive, probability, 1.0 - probability)
+        return tf.math.log(p_t), tf.math.log(1.0 - p_t)
+
+
+@register_loss("focal_gradient")
+@tf.keras.utils.register_keras_serializable(package="fgl_retinanet")
+class FocalGradientLoss(FocalLoss):
+    """Focal gradient loss: the focal loss value, with the modulating factor held constant.
+
+    The forward value equals `FocalLoss` exactly; the gradient is that of binary cross-entropy
+    scaled by ``alpha_t * (1 - p_t)**gamma``, without FL's residual
+    ``alpha_t * gamma * (1 - p_t)**(gamma - 1) * log(p_t)`` with respect to ``p_t``.
+
+    Example:
+        >>> loss = FocalGradientLoss(alpha=0.25, gamma=2.0)
+        >>> value = loss(y_true, logits)  # same scalar as FocalLoss, different gradient
+
+    Args:
+        alpha: weight of the positive class; negatives get ``1 - alpha``.
+        gamma: focusing exponent of the constant weight ``(1 - p_t)**gamma``.
+        from_logits: whether ``y_pred`` holds logits (True) or sigmoid probabilities (False).
+        name: name of the loss, used for Keras' name scope and logs.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        from_logits: bool = True,
+        name: str = "focal_gradient_loss",
+    ):
+        super().__init__(alpha=alpha, gamma=gamma, from_logits=from_logits, name=name)
+
+    def _modulating_factor(self, log_one_minus_p_t: tf.Tensor) -> tf.Tensor:
+        """Returns ``(1 - p_t)**gamma`` as a constant for differentiation.
+
+        Args:
+            log_one_minus_p_t: (batch, anchors, classes) ``log(1 - p_t)``.
+
+        Returns:
+            (batch, anchors, classes) modulating factor with no gradient.
+        """
+        # Stopping only the factor keeps the gradient of -alpha_t * log(p_t) flowing.
+        return tf.stop_gradient(super()._modulating_factor(log_one_minus_p_t))
+
+
+def focal_loss(alpha: float = 0.25, gamma: float = 2.0, from_logits: bool = True) -> FocalLoss:
+    """Returns a `FocalLoss`; see its docstring for the arguments."""
+    return FocalLoss(alpha=alpha, gamma=gamma, from_logits=from_logits)
+
+
+def focal_gradient_loss(
+    alpha: float = 0.25, gamma: float = 2.0, from_logits: bool = True
+) -> FocalGradientLoss:
+    """Returns a `FocalGradientLoss`; see its docstring for the arguments."""
+    return FocalGradientLoss(alpha=alpha, gamma=gamma, from_logits=from_logits)

@@ -1,0 +1,183 @@
+"""RetinaNet through keras-retinanet, with a logits classification head, and inference.
+
+The training model outputs `regression` (batch, anchors, 4) and `classification_logits`
+(batch, anchors, classes); the inference model applies the sigmoid and keras-retinanet's box
+decoding and NMS. With `loss.from_logits: false` the stock probability head is kept instead.
+"""
+
+import functools
+import logging
+
+import numpy as np
+import tensorflow as tf
+from keras_retinanet import models as kr_models
+from keras_retinanet.models import retinanet as kr_retinanet
+from keras_retinanet.utils.image import preprocess_image, resize_image
+from keras_retinanet.utils.model import freeze as freeze_model
+
+from fgl_retinanet.data import read_image_bgr
+from fgl_retinanet.pipeline import anchor_parameters
+
+logger = logging.getLogger(__name__)
+
+keras = tf.keras
+LOGITS_OUTPUT = "classification_logits"
+PROBABILITY_OUTPUT = "classification"
+# keras-retinanet names this function with a leading double underscore; it is module level,
+# so no name mangling applies and it can be reused with a different feature width.
+_pyramid_features = getattr(kr_retinanet, "__create_pyramid_features")
+
+
+def classification_output_name(config) -> str:
+    return LOGITS_OUTPUT if config.loss.from_logits else PROBABILITY_OUTPUT
+
+
+def build_training_model(config, num_classes: int) -> keras.Model:
+    """Builds the RetinaNet training model named by `config.model`.
+
+    Returns:
+        A model from images (batch, height, width, 3) to [regression (batch, anchors, 4),
+        classification (batch, anchors, classes)], the latter logits or probabilities.
+    """
+    width = config.model.head_width
+    num_anchors = anchor_parameters(config.model.anchor_sizes).num_anchors()
+
+    # keras-retinanet's heads, with the final sigmoid removed when we train on logits.
+    regression = kr_retinanet.default_regression_model(
+        4, num_anchors, pyramid_feature_size=width, regression_feature_size=width
+    )
+    classification = kr_retinanet.default_classification_model(
+        num_classes,
+        num_anchors,
+        pyramid_feature_size=width,
+        classification_feature_size=width,
+        prior_probability=config.model.prior_probability,
+    )
+    if config.loss.from_logits:
+        classification = keras.Model(
+            classification.inputs,
+            classification.get_layer("pyramid_classification_reshape").output,
+            name="classification_logits_submodel",
+        )
+    submodels = [("regression", regression), (classification_output_name(config), classification)]
+    pyramid = functools.partial(_pyramid_features, feature_size=width)
+
+    # Backbone: keras-retinanet's (ResNet and others) or our small CPU one.
+    modifier = freeze_model if config.model.freeze_backbone else None
+    if config.model.backbone == "tiny":
+        inputs = keras.layers.Input(shape=(None, None, 3))
+        backbone_layers = tiny_backbone(inputs, trainable=not config.model.freeze_backbone)
+        model = kr_retinanet.retinanet(
+            inputs=inputs,
+            backbone_layers=backbone_layers,
+            num_classes=num_classes,
+            num_anchors=num_anchors,
+            submodels=submodels,
+            create_pyramid_features=pyramid,
+        )
+    else:
+        model = kr_models.backbone(config.model.backbone).retinanet(
+            num_classes,
+            num_anchors=num_anchors,
+            submodels=submodels,
+            create_pyramid_features=pyramid,
+            modifier=modifier,
+        )
+    return model
+
+
+def tiny_backbone(inputs, trainable: bool = True) -> dict:
+    """A five-stage conv/BN/ReLU backbone for CPU runs: C3, C4, C5 at strides 8, 16, 32."""
+    x = inputs
+    outputs = {}
+    for stage, filters in enumerate((16, 32, 64, 96, 128), start=1):
+        # Each stage halves the resolution once, then refines at that resolution.
+        for index, stride in enumerate((2, 1)):
+            x = keras.layers.Conv2D(
+                filters, 3, strides=stride, padding="same", use_bias=False,
+                name=f"tiny_stage{stage}_conv{index}", trainable=trainable,
+            )(x)  # fmt: skip
+            x = keras.layers.BatchNormalization(
+                name=f"tiny_stage{stage}_bn{index}", trainable=trainable
+            )(x)
+            x = keras.layers.ReLU(name=f"tiny_stage{stage}_relu{index}")(x)
+        if stage >= 3:
+            outputs[f"C{stage}"] = x
+    return outputs
+
+
+def load_weights(model: keras.Model, config) -> str:
+    """Loads the configured initial weights; returns a description for the log."""
+    weights = config.model.weights
+    if weights == "none":
+        return "random initialisation"
+    if weights == "imagenet":
+        # keras-retinanet's download, cached under ~/.keras/models after the first time.
+        try:
+            path = kr_models.backbone(config.model.backbone).download_imagenet()
+        except Exception as e:  # noqa: BLE001 - any network failure gets the same advice
+            raise RuntimeError(
+                f"could not fetch ImageNet weights for {config.model.backbone} ({e}); "
+                "download them once on a connected machine or set model.weights=PATH|none"
+            ) from None
+    else:
+        path = weights
+    model.load_weights(path, by_name=True, skip_mismatch=True)
+    return path
+
+
+def build_inference_model(training_model: keras.Model, config) -> keras.Model:
+    """Wraps a training model (sharing its weights) with sigmoid, box decoding and NMS.
+
+    Returns:
+        A model from images to [boxes (batch, max_detections, 4), scores, labels], padded with
+        score -1 where fewer detections remain.
+    """
+    regression, classification = training_model.outputs[:2]
+    if config.loss.from_logits:
+        probabilities = keras.layers.Activation("sigmoid", name=PROBABILITY_OUTPUT)(classification)
+        training_model = keras.Model(training_model.inputs, [regression, probabilities])
+    return kr_retinanet.retinanet_bbox(
+        model=training_model,
+        anchor_params=anchor_parameters(config.model.anchor_sizes),
+        nms_threshold=config.eval.nms_threshold,
+        score_threshold=config.eval.score_threshold,
+        max_detections=config.eval.max_detections,
+    )
+
+
+def detect(inference_model: keras.Model, dataset, config, batch_size: int = 8) -> dict:
+    """Runs inference over a dataset.
+
+    Returns:
+        {image_id: [{"box": [x1, y1, x2, y2], "score": float, "label": str}]} in the dataset's
+        0-based pixel frame, the layout of fgl_retinanet.evaluation.average_precisions.
+    """
+    detections = {}
+    pending = []
+
+    def flush():
+        images = np.stack([image for _, image, _ in pending])
+        boxes, scores, labels = inference_model.predict_on_batch(images)[:3]
+        for (image_id, _, scale), b, s, lab in zip(pending, boxes, scores, labels):
+            keep = s >= config.eval.score_threshold
+            detections[image_id] = [
+                {"box": (box / scale).tolist(), "score": float(score),
+                 "label": dataset.classes[int(label)]}
+                for box, score, label in zip(b[keep], s[keep], lab[keep])
+            ]  # fmt: skip
+        pending.clear()
+
+    # Batch consecutive images of the same resized shape; flush when the shape changes.
+    for record in dataset.records:
+        image = read_image_bgr(record.image_path)
+        image, scale = resize_image(
+            image, min_side=config.data.image_min_side, max_side=config.data.image_max_side
+        )
+        image = preprocess_image(image, mode="caffe").astype(np.float32)
+        if pending and (pending[0][1].shape != image.shape or len(pending) == batch_size):
+            flush()
+        pending.append((record.image_id, image, scale))
+    if pending:
+        flush()
+    return detections

@@ -129,7 +129,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        # Parsed later, against the field's type, so "007" stays text for a string field.
+        _set_dotted(raw, key.strip(), _RawOverride(value.strip()))
 
     # Build typed dataclasses; every unknown key or wrong type stops here.
     config = _build(Config, raw, prefix="")
@@ -232,7 +233,24 @@ def _build(cls, raw, prefix: str):
     return cls(**kwargs)
 
 
+class _RawOverride(str):
+    """The text of a command-line value, before it is interpreted for its field."""
+
+
 def _coerce(hint, value, key: str):
+    if isinstance(value, _RawOverride):
+        if hint is str:
+            return str(value)
+        try:
+            value = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {key}={value} is not a valid value") from None
+    # YAML reads 1e-4 (no dot) as text; a float field accepts it when it parses as a number.
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be float, got {value!r}") from None
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     origin = typing.get_origin(hint)

@@ -46,7 +46,8 @@ class DataReport:
     difficult: int = 0
     truncated: int = 0
     problems: list = field(default_factory=list)  # (file, message) pairs
-    skipped_objects: int = 0
+    skipped_objects: int = 0  # named outside the class list, skipped by policy
+    unusable_objects: int = 0  # no box, or x2 <= x1 / y2 <= y1 (each also in problems)
 
     def summary(self) -> str:
         lines = [
@@ -54,7 +55,9 @@ class DataReport:
             f"({self.difficult} difficult, {self.truncated} truncated)"
         ]
         if self.skipped_objects:
-            lines.append(f"{self.skipped_objects} objects skipped by policy")
+            lines.append(f"{self.skipped_objects} objects with unknown class names skipped")
+        if self.unusable_objects:
+            lines.append(f"{self.unusable_objects} objects without a usable box left out")
         for path, message in self.problems[:20]:
             lines.append(f"  {path}: {message}")
         if len(self.problems) > 20:
@@ -133,7 +136,7 @@ class VocDataset:
             box = _parse_box(obj.find("bndbox"))
             if box is None:
                 self.report.problems.append((str(xml_path), f"object {index} has no usable box"))
-                self.report.skipped_objects += 1
+                self.report.unusable_objects += 1
                 continue
             boxes.append(box)
             labels.append(self.classes.index(name))

@@ -89,4 +89,7 @@ def callbacks(context: Context) -> list:
 def barrier(context: Context) -> None:
     """Horovod: wait until every rank reaches this point (e.g. while rank 0 evaluates)."""
     if context.distributed:
-        context.hvd.join()
+        import tensorflow as tf
+
+        # An all-reduce completes only once every rank has contributed to it.
+        context.hvd.allreduce(tf.constant(0.0), name="fgl_barrier")

@@ -64,7 +64,11 @@ def train(config: Config, resume: Path | None = None) -> dict:
     distributed.configure_devices(context, config.train.threads)
     tf.keras.utils.set_random_seed(config.train.seed)
 
-    # Data: parse and validate both splits before building anything expensive.
+    # Data: rank 0 generates the toy dataset if needed while the others wait; then every rank
+    # parses and validates both splits before building anything expensive.
+    if context.is_primary:
+        dataset_root(config)
+    distributed.barrier(context)
     root = dataset_root(config)
     train_set = _load_split(root, config.data.train_split, config)
     val_set = _load_split(root, config.data.val_split, config)
@@ -170,11 +174,14 @@ class EpochRecorder(tf.keras.callbacks.Callback):
         if self.config.eval.every_epoch or epoch + 1 == self.config.train.epochs:
             self.last_eval = self.evaluate()
             logs["mAP"] = self.last_eval["mAP"]
+        # Horovod's metric averaging leaves numpy scalars in logs: store plain floats.
         row = {
             "epoch": epoch + 1,
-            "loss": logs.get("loss"),
-            "regression_loss": logs.get("regression_loss"),
-            "classification_loss": logs.get(f"{classification_output_name(self.config)}_loss"),
+            "loss": _float(logs.get("loss")),
+            "regression_loss": _float(logs.get("regression_loss")),
+            "classification_loss": _float(
+                logs.get(f"{classification_output_name(self.config)}_loss")
+            ),
             "lr": float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
             "mAP": logs.get("mAP"),
             "images_seen": len(self.train_batches.dataset),
@@ -356,6 +363,10 @@ class _RankFilter(logging.Filter):
     def filter(self, record):
         record.rank = self.rank
         return True
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def _fmt(value) -> str:

@@ -309,6 +309,8 @@ def _parse_box(node) -> list | None:
         coords = [float(node.findtext(tag)) - 1.0 for tag in ("xmin", "ymin", "xmax", "ymax")]
     except (TypeError, ValueError):
         return None
-    if not all(math.isfinite(c) for c in coords) or coords[2] <= coords[0] or coords[3] <= coords[1]:
+    if not all(math.isfinite(c) for c in coords):
+        return None
+    if coords[2] <= coords[0] or coords[3] <= coords[1]:
         return None
     return coords

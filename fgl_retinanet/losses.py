@@ -91,15 +91,17 @@ class FocalLoss(tf.keras.losses.Loss):
             Probabilities are clipped to ``[epsilon, 1 - epsilon]`` with Keras' backend epsilon,
             as Keras' ``binary_crossentropy`` does, so that ``log`` stays finite; that clipping
             zeroes the gradient of saturated predictions, which the logit path avoids.
-        name: name of the loss, used for Keras' name scope and logs.
+        name: name of the loss, used for Keras' name scope and logs; defaults to `default_name`.
     """
+
+    default_name = "focal_loss"
 
     def __init__(
         self,
         alpha: float = 0.25,
         gamma: float = 2.0,
         from_logits: bool = True,
-        name: str = "focal_loss",
+        name: str | None = None,
     ):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
@@ -112,7 +114,9 @@ class FocalLoss(tf.keras.losses.Loss):
         # resolves to it): under a `tf.distribute` strategy `compile` then divides by the replica
         # count as for the baseline, which averages gradients like Horovod does. AUTO itself is
         # avoided because custom training loops under a strategy reject it.
-        super().__init__(reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE, name=name)
+        super().__init__(
+            reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE, name=name or self.default_name
+        )
         self.alpha = float(alpha)
         self.gamma = float(gamma)
         self.from_logits = bool(from_logits)
@@ -226,14 +230,7 @@ class FocalGradientLoss(FocalLoss):
         name: name of the loss, used for Keras' name scope and logs.
     """
 
-    def __init__(
-        self,
-        alpha: float = 0.25,
-        gamma: float = 2.0,
-        from_logits: bool = True,
-        name: str = "focal_gradient_loss",
-    ):
-        super().__init__(alpha=alpha, gamma=gamma, from_logits=from_logits, name=name)
+    default_name = "focal_gradient_loss"
 
     def _modulating_factor(self, log_one_minus_p_t: tf.Tensor) -> tf.Tensor:
         """Returns ``(1 - p_t)**gamma`` as a constant for differentiation.

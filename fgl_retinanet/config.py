@@ -77,6 +77,11 @@ class TrainConfig:
     batch_size: int = 1  # images per step per process
     base_lr: float = 1e-5  # Adam learning rate (keras-retinanet default)
     clipnorm: float = 0.001  # gradient clipping by norm (keras-retinanet default)
+    lr_scaling: str = "linear"  # Horovod: "linear" multiplies base_lr by the process count
+    warmup_epochs: float = 0.0  # ramp the LR linearly from base_lr to the scaled LR
+    reduce_lr_patience: int = 2  # epochs without loss improvement before LR x factor; 0: off
+    reduce_lr_factor: float = 0.1  # (keras-retinanet's ReduceLROnPlateau defaults: 2, 0.1)
+    early_stopping_patience: int = 0  # epochs without mAP improvement before stopping; 0: off
     seed: int = 0  # seeds data order, augmentation and weight initialisation
     output_dir: str = "runs"  # parent directory of run directories
     run_name: str = ""  # run directory name; empty derives it from the config file name
@@ -110,6 +115,7 @@ _CHOICES = {
     "data.dataset": ("voc", "toy"),
     "data.difficult": ("include", "ignore"),
     "data.unknown_classes": ("error", "skip"),
+    "train.lr_scaling": ("none", "linear"),
 }
 
 
@@ -288,6 +294,18 @@ def _check_choices(config: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if not 0.0 <= config.data.flip_chance <= 1.0:
         raise ConfigError(f"data.flip_chance must be in [0, 1], got {config.data.flip_chance}")
+    nonnegative = {
+        "train.warmup_epochs": config.train.warmup_epochs,
+        "train.reduce_lr_patience": config.train.reduce_lr_patience,
+        "train.early_stopping_patience": config.train.early_stopping_patience,
+    }
+    for key, value in nonnegative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 0.0 < config.train.reduce_lr_factor <= 1.0:
+        raise ConfigError(
+            f"train.reduce_lr_factor must be in (0, 1], got {config.train.reduce_lr_factor}"
+        )
     if config.loss.gamma < 0:
         raise ConfigError(f"loss.gamma must be >= 0, got {config.loss.gamma}")
     if len(config.model.anchor_sizes) != 5:

@@ -43,14 +43,18 @@ def init() -> Context:
     except ImportError as e:
         raise RuntimeError(
             f"launched under horovodrun but Horovod cannot be imported ({e}); "
-            "install it with scripts/install_horovod.sh"
+            "install it with scripts/install.sh"
         ) from None
     hvd.init()
     return Context(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd)
 
 
-def configure_devices(context: Context, threads: int) -> None:
-    """Pins one GPU per local rank, or splits the CPU cores between the ranks on this host."""
+def configure_devices(context: Context, threads: int) -> int:
+    """Pins one GPU per local rank, or splits the CPU cores between the ranks on this host.
+
+    Returns:
+        The intra-op thread count set (0 when TensorFlow chooses).
+    """
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -65,31 +69,75 @@ def configure_devices(context: Context, threads: int) -> None:
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
+    return threads
 
 
 def wrap_optimizer(context: Context, optimizer):
-    """Horovod: average gradients across ranks before every update."""
+    """Horovod: average gradients across ranks before every update.
+
+    Raises:
+        TypeError: for optimizers other than tf.keras.optimizers.legacy ones, the family this
+            project runs and tests with Horovod 0.28.1 on TF 2.15.
+    """
+    import tensorflow as tf
+
+    if not isinstance(optimizer, tf.keras.optimizers.legacy.Optimizer):
+        raise TypeError(
+            f"{type(optimizer).__name__} is not a tf.keras.optimizers.legacy optimizer; with "
+            "TF 2.15 and Horovod 0.28.1 this project uses the legacy optimizers"
+        )
     if not context.distributed:
         return optimizer
     return context.hvd.DistributedOptimizer(optimizer)
 
 
-def callbacks(context: Context) -> list:
-    """Horovod callbacks that must come first: initial broadcast, then metric averaging."""
+def metric_averaging(context: Context) -> list:
+    """Horovod: average epoch metrics first, so every later callback sees the same numbers."""
     if not context.distributed:
         return []
-    return [
-        # Horovod: start every rank from rank 0's weights and optimizer state.
-        context.hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-        # Horovod: average logged metrics so every rank's callbacks see the same numbers.
-        context.hvd.callbacks.MetricAverageCallback(),
-    ]
+    return [context.hvd.callbacks.MetricAverageCallback()]
+
+
+def broadcast_variables(context: Context, variables) -> None:
+    """Horovod: give every rank rank 0's values (weights, optimizer moments, iteration)."""
+    if context.distributed:
+        import horovod.tensorflow as hvd_tf
+
+        hvd_tf.broadcast_variables(variables, root_rank=0)
+
+
+def average_variables(context: Context, variables) -> None:
+    """Horovod: replace each variable by its mean over ranks (batch-norm moving statistics
+    are updated from each rank's own images and would otherwise drift apart)."""
+    if not context.distributed:
+        return
+    for variable in variables:
+        variable.assign(context.hvd.allreduce(variable, op=context.hvd.Average))
+
+
+def broadcast_value(context: Context, value: float | None) -> float | None:
+    """Horovod: rank 0's scalar on every rank (None travels as NaN). Also a barrier."""
+    if not context.distributed:
+        return value
+    import math
+
+    import tensorflow as tf
+
+    sent = tf.constant(math.nan if value is None else float(value), tf.float64)
+    received = float(context.hvd.broadcast(sent, root_rank=0, name="fgl_broadcast_value"))
+    return None if math.isnan(received) else received
+
+
+def sum_value(context: Context, value: float) -> float:
+    """Horovod: the sum of a scalar over ranks."""
+    if not context.distributed:
+        return value
+    import tensorflow as tf
+
+    total = context.hvd.allreduce(tf.constant(float(value), tf.float64), op=context.hvd.Sum)
+    return float(total)
 
 
 def barrier(context: Context) -> None:
-    """Horovod: wait until every rank reaches this point (e.g. while rank 0 evaluates)."""
-    if context.distributed:
-        import tensorflow as tf
-
-        # An all-reduce completes only once every rank has contributed to it.
-        context.hvd.allreduce(tf.constant(0.0), name="fgl_barrier")
+    """Horovod: wait until every rank reaches this point."""
+    broadcast_value(context, 0.0)

@@ -132,6 +132,7 @@ class VocSequence(Generator):
         # Horovod needs the same number of steps on every rank: pad short shards by wrapping.
         per_rank = -(-count // self.world)
         shard = np.resize(order[self.rank :: self.world], per_rank) if count else order
+        self.images_per_rank = per_rank
         self.groups = [
             shard[i : i + self.batch_size].tolist() for i in range(0, len(shard), self.batch_size)
         ]

@@ -2,14 +2,16 @@
 
     fgl-train --config configs/demo_fgl.yaml
     horovodrun -np 4 -H localhost:4 fgl-train --config configs/voc2012_fgl.yaml
+    fgl-train --resume runs/voc2012_fgl
 
 Run directory (rank 0 only): config.yaml, log.txt, metrics.csv, snapshots/, tensorboard/,
-results.json, results.md.
+results.json, results.md. Other Horovod ranks log to <run>.rank_logs/rankN.txt.
 """
 
 import collections
 import concurrent.futures
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 from keras_retinanet.losses import smooth_l1
 
@@ -37,8 +40,8 @@ from fgl_retinanet.model import (
 logger = logging.getLogger("fgl_retinanet")
 
 METRIC_COLUMNS = (
-    "epoch", "loss", "regression_loss", "classification_loss", "lr", "mAP", "images_seen",
-    "epoch_seconds",
+    "epoch", "loss", "regression_loss", "classification_loss", "lr", "mAP", "global_batch",
+    "images_seen", "epoch_seconds",
 )  # fmt: skip
 
 
@@ -61,8 +64,13 @@ def train(config: Config, resume: Path | None = None) -> dict:
     context = distributed.init()
     out = Path(resume) if resume else run_dir(config)
     _setup_logging(context, out)
-    distributed.configure_devices(context, config.train.threads)
+    threads = distributed.configure_devices(context, config.train.threads)
+    # Horovod: the same seed on every rank gives the same initial weights and data order.
     tf.keras.utils.set_random_seed(config.train.seed)
+    logger.info(
+        "process %d of %d (pid %d, %s threads)", context.rank, context.size, os.getpid(),
+        threads or "default",
+    )  # fmt: skip
 
     # Data: rank 0 generates the toy dataset if needed while the others wait; then every rank
     # parses and validates both splits before building anything expensive.
@@ -78,7 +86,7 @@ def train(config: Config, resume: Path | None = None) -> dict:
         train_set, config, training=True, rank=context.rank, world=context.size
     )
 
-    # Model, losses and an optimizer whose learning rate is really the configured one.
+    # Model and losses.
     num_classes = len(config.data.classes)
     model = build_training_model(config, num_classes)
     logger.info("initial weights: %s", load_weights(model, config))
@@ -88,9 +96,11 @@ def train(config: Config, resume: Path | None = None) -> dict:
         gamma=config.loss.gamma,
         from_logits=config.loss.from_logits,
     )
-    # NOTE: keras-retinanet passes Adam(lr=...), which TF 2.15 ignores (it trains at 1e-3).
+
+    # Optimizer. NOTE: keras-retinanet passes Adam(lr=...), which TF 2.15 ignores (1e-3 then).
+    schedule = LearningRateController(config, context.size, steps_per_epoch=len(train_batches))
     optimizer = tf.keras.optimizers.legacy.Adam(
-        learning_rate=config.train.base_lr, clipnorm=config.train.clipnorm
+        learning_rate=schedule.rate(0), clipnorm=config.train.clipnorm
     )
     model.compile(
         optimizer=distributed.wrap_optimizer(context, optimizer),
@@ -99,66 +109,202 @@ def train(config: Config, resume: Path | None = None) -> dict:
             classification_output_name(config): loss,
         },
     )
-    applied_lr = float(tf.keras.backend.get_value(model.optimizer.learning_rate))
-    logger.info(
-        "loss %s (alpha %g, gamma %g, from_logits %s); learning rate %g applied",
-        config.loss.name, config.loss.alpha, config.loss.gamma, config.loss.from_logits,
-        applied_lr,
-    )  # fmt: skip
+    # Create the Adam moments now, so they can be restored and broadcast before step one.
+    model.optimizer._create_all_weights(model.trainable_variables)
 
-    # Resume: weights and epoch from the run directory's latest snapshot.
+    # Resume: weights, optimizer state, LR schedule and epoch from the last complete epoch.
     initial_epoch = 0
+    stopper = EarlyStopper(config.train.early_stopping_patience)
     if resume:
-        initial_epoch = _restore(model, out)
+        initial_epoch = _restore(model, out, schedule, stopper)
+
+    # Horovod: every rank starts from rank 0's weights and optimizer state.
+    distributed.broadcast_variables(context, model.variables + model.optimizer.variables())
 
     # Rank 0 owns every file in the run directory.
     if context.is_primary:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    steps = len(train_batches)
+        _truncate_metrics(out / "metrics.csv", initial_epoch)
+    padded = train_batches.images_per_rank * context.size - len(train_set)
     logger.info(
-        "%d training images (%d steps of %d per rank, %d ranks), %d validation images; "
-        "run directory %s",
-        len(train_set), steps, config.train.batch_size, context.size, len(val_set), out,
+        "loss %s (alpha %g, gamma %g, from_logits %s); learning rate %g applied "
+        "(base %g, %s scaling over %d processes, %g warmup epochs)",
+        config.loss.name, config.loss.alpha, config.loss.gamma, config.loss.from_logits,
+        float(tf.keras.backend.get_value(model.optimizer.learning_rate)), config.train.base_lr,
+        config.train.lr_scaling, context.size, config.train.warmup_epochs,
+    )  # fmt: skip
+    logger.info(
+        "%d training images: %d steps of %d per process x %d processes (global batch %d%s); "
+        "%d validation images; run directory %s",
+        len(train_set), len(train_batches), config.train.batch_size, context.size,
+        config.train.batch_size * context.size,
+        f", {padded} images repeated to give every process equal steps" if padded else "",
+        len(val_set), out,
     )  # fmt: skip
 
-    inference = build_inference_model(model, config)
-    recorder = EpochRecorder(context, config, val_set, inference, out, train_batches)
-    callbacks = distributed.callbacks(context) + [recorder]
+    # Callback order matters: averaged metrics first, then LR decisions, evaluation, stopping,
+    # and finally the record of the epoch, which saves the state all of them produced.
+    recorder = RunRecorder(context, config, out, train_batches, schedule, stopper)
+    evaluator = Evaluator(context, config, val_set, build_inference_model(model, config))
+    callbacks = distributed.metric_averaging(context) + [schedule, evaluator, stopper, recorder]
     if context.is_primary and config.train.tensorboard:
         callbacks.append(tf.keras.callbacks.TensorBoard(str(out / "tensorboard"), profile_batch=0))
 
     started = time.time()
-    dataset = _epoch_stream(train_batches, initial_epoch, config, num_classes)
     model.fit(
-        dataset,
+        _epoch_stream(train_batches, initial_epoch, config, num_classes),
         epochs=config.train.epochs,
         initial_epoch=initial_epoch,
-        steps_per_epoch=steps,
+        steps_per_epoch=len(train_batches),
         callbacks=callbacks,
         # A live progress bar on a terminal, one line per epoch in a log file; none off rank 0.
         verbose=(1 if sys.stdout.isatty() else 2) if context.is_primary else 0,
     )
-    results = recorder.final_results(time.time() - started)
-    if context.is_primary:
-        _write_results(results, out)
+
+    # Every rank logs a checksum of its final weights: equal sums prove the ranks agree.
+    logger.info("weights checksum %s", weights_checksum(model))
+    results = recorder.final_results(time.time() - started, evaluator)
     distributed.barrier(context)
     return results
 
 
-class EpochRecorder(tf.keras.callbacks.Callback):
-    """Per epoch: validation mAP, metrics.csv row, snapshot (all on rank 0)."""
+class LearningRateController(tf.keras.callbacks.Callback):
+    """The learning rate as a pure function of the step plus plateau reductions.
 
-    def __init__(self, context, config, val_set, inference, out, train_batches):
+    rate = base_lr x scale x warmup(step) x plateau_factor, where scale is the process count
+    under linear scaling and warmup ramps from 1/scale to 1 over `warmup_epochs`. The plateau
+    reduction follows keras-retinanet's ReduceLROnPlateau on the training loss; its state is
+    saved in snapshots so a resumed run continues with the same rate.
+    """
+
+    def __init__(self, config: Config, world_size: int, steps_per_epoch: int):
+        super().__init__()
+        train = config.train
+        self.base_lr = train.base_lr
+        # Horovod: a global batch N times larger takes an N times larger step (linear rule).
+        self.scale = world_size if train.lr_scaling == "linear" else 1
+        self.warmup_steps = round(train.warmup_epochs * steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+        self.patience = train.reduce_lr_patience
+        self.factor = train.reduce_lr_factor
+        self.state = {"plateau_factor": 1.0, "best_loss": None, "wait": 0}
+        self._epoch = 0
+
+    def rate(self, step: int) -> float:
+        scaled = self.base_lr * self.scale
+        if step < self.warmup_steps:
+            start = self.base_lr
+            scaled = start + (scaled - start) * step / self.warmup_steps
+        return scaled * self.state["plateau_factor"]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = self._epoch * self.steps_per_epoch + batch
+        tf.keras.backend.set_value(self.model.optimizer.learning_rate, self.rate(step))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        logs["lr"] = float(tf.keras.backend.get_value(self.model.optimizer.learning_rate))
+        if not self.patience or logs.get("loss") is None:
+            return
+
+        # Horovod: `loss` is already the mean over ranks, so every rank decides alike.
+        loss = float(logs["loss"])
+        best = self.state["best_loss"]
+        if best is None or loss < best - 1e-4:
+            self.state.update(best_loss=loss, wait=0)
+            return
+        self.state["wait"] += 1
+        if self.state["wait"] >= self.patience:
+            self.state["plateau_factor"] *= self.factor
+            self.state["wait"] = 0
+            logger.info(
+                "loss has not improved for %d epochs: learning rate x %g", self.patience, self.factor
+            )
+
+
+class Evaluator(tf.keras.callbacks.Callback):
+    """Validation mAP after each epoch: rank 0 evaluates, the others wait for its result."""
+
+    def __init__(self, context, config, val_set, inference):
         super().__init__()
         self.context = context
         self.config = config
         self.val_set = val_set
         self.inference = inference
+        self.last = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        last_epoch = epoch + 1 == self.config.train.epochs
+        if not (self.config.eval.every_epoch or last_epoch):
+            return
+        # Horovod: batch-norm statistics differ per rank; average them so all ranks (and the
+        # snapshot) hold one model, then evaluate it once.
+        distributed.average_variables(self.context, _moving_statistics(self.model))
+        value = None
+        if self.context.is_primary:
+            self.last = self.evaluate()
+            value = self.last["mAP"]
+        # Horovod: the other ranks wait here and receive rank 0's mAP for their callbacks.
+        logs["mAP"] = distributed.broadcast_value(self.context, value)
+
+    def evaluate(self) -> dict:
+        detections = detect(self.inference, self.val_set, self.config)
+        ground_truth = self.val_set.ground_truth()
+        by_metric = {
+            metric: average_precisions(
+                ground_truth, detections, self.val_set.classes, metric=metric,
+                iou_threshold=self.config.eval.iou_threshold,
+            )  # fmt: skip
+            for metric in ("area", "11point")
+        }
+        return {
+            "mAP": by_metric["area"]["mAP"],
+            "per_class": by_metric["area"]["per_class"],
+            "mAP_11point": by_metric["11point"]["mAP"],
+            "per_class_11point": by_metric["11point"]["per_class"],
+            "by_metric": by_metric,
+        }
+
+
+class EarlyStopper(tf.keras.callbacks.Callback):
+    """Stops when validation mAP has not improved for `patience` epochs (0: never)."""
+
+    def __init__(self, patience: int):
+        super().__init__()
+        self.patience = patience
+        self.state = {"best_map": None, "wait": 0}
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("mAP")
+        if not self.patience or value is None:
+            return
+        # Horovod: mAP was broadcast from rank 0, so every rank stops at the same epoch.
+        if self.state["best_map"] is None or value > self.state["best_map"]:
+            self.state.update(best_map=value, wait=0)
+            return
+        self.state["wait"] += 1
+        if self.state["wait"] >= self.patience:
+            logger.info("mAP has not improved for %d epochs: stopping", self.patience)
+            self.model.stop_training = True
+
+
+class RunRecorder(tf.keras.callbacks.Callback):
+    """Per epoch on rank 0: snapshot (weights, optimizer, schedule), then the metrics.csv row."""
+
+    def __init__(self, context, config, out, train_batches, schedule, stopper):
+        super().__init__()
+        self.context = context
+        self.config = config
         self.out = Path(out)
         self.train_batches = train_batches
-        self.history = []
-        self.last_eval = None
+        self.schedule = schedule
+        self.stopper = stopper
+        self.history = _read_metrics(self.out / "metrics.csv") if context.is_primary else []
         self._epoch_started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -169,11 +315,6 @@ class EpochRecorder(tf.keras.callbacks.Callback):
         seconds = time.time() - self._epoch_started
         if not self.context.is_primary:
             return
-
-        # Validation mAP with devkit rules, from this epoch's weights.
-        if self.config.eval.every_epoch or epoch + 1 == self.config.train.epochs:
-            self.last_eval = self.evaluate()
-            logs["mAP"] = self.last_eval["mAP"]
         # Horovod's metric averaging leaves numpy scalars in logs: store plain floats.
         row = {
             "epoch": epoch + 1,
@@ -182,55 +323,44 @@ class EpochRecorder(tf.keras.callbacks.Callback):
             "classification_loss": _float(
                 logs.get(f"{classification_output_name(self.config)}_loss")
             ),
-            "lr": float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
-            "mAP": logs.get("mAP"),
-            "images_seen": len(self.train_batches.dataset),
+            "lr": _float(logs.get("lr")),
+            "mAP": _float(logs.get("mAP")),
+            "global_batch": self.config.train.batch_size * self.context.size,
+            "images_seen": self.train_batches.images_per_rank * self.context.size,
             "epoch_seconds": round(seconds, 2),
         }
-        self.history.append(row)
-        self._append_csv(row)
-        logger.info(
-            "epoch %d/%d: loss %.4f (regression %.4f, classification %.4f), lr %g, mAP %s, %.1fs",
-            row["epoch"], self.config.train.epochs, row["loss"], row["regression_loss"],
-            row["classification_loss"], row["lr"], _fmt(row["mAP"]), seconds,
-        )  # fmt: skip
+
+        # The snapshot comes first: a metrics row never exists without its snapshot.
         self._snapshot(epoch + 1)
+        self.history.append(row)
+        _append_metrics(self.out / "metrics.csv", row)
+        logger.info(
+            "epoch %d/%d: loss %.4f (regression %.4f, classification %.4f), lr %g, mAP %s, "
+            "%d images, %.1fs",
+            row["epoch"], self.config.train.epochs, row["loss"], row["regression_loss"],
+            row["classification_loss"], row["lr"], _fmt(row["mAP"]), row["images_seen"],
+            seconds,
+        )  # fmt: skip
 
-    def evaluate(self) -> dict:
-        detections = detect(self.inference, self.val_set, self.config)
-        ground_truth = self.val_set.ground_truth()
-        results = {
-            metric: average_precisions(
-                ground_truth, detections, self.val_set.classes, metric=metric,
-                iou_threshold=self.config.eval.iou_threshold,
-            )  # fmt: skip
-            for metric in ("area", "11point")
-        }
-        area = results["area"]
-        return {
-            "mAP": area["mAP"],
-            "per_class": area["per_class"],
-            "mAP_11point": results["11point"]["mAP"],
-            "per_class_11point": results["11point"]["per_class"],
-            "by_metric": results,
-            "detections": sum(len(v) for v in detections.values()),
-        }
-
-    def final_results(self, seconds: float) -> dict:
-        if self.last_eval is None and self.context.is_primary:
-            self.last_eval = self.evaluate()
-        evaluation = self.last_eval or {}
+    def final_results(self, seconds: float, evaluator: "Evaluator") -> dict:
+        if not self.context.is_primary:
+            return {}
+        evaluation = evaluator.last or evaluator.evaluate()
         maps = [row["mAP"] for row in self.history if row["mAP"] is not None]
-        return {
+        results = {
             "run": self.config.train.run_name,
             "loss": self.config.loss.name,
             "gamma": self.config.loss.gamma,
             "alpha": self.config.loss.alpha,
-            "epochs": self.config.train.epochs,
-            "mAP": evaluation.get("mAP"),
-            "per_class": evaluation.get("per_class"),
-            "mAP_11point": evaluation.get("mAP_11point"),
-            "per_class_11point": evaluation.get("per_class_11point"),
+            "epochs": len(self.history),
+            "processes": self.context.size,
+            "global_batch": self.config.train.batch_size * self.context.size,
+            "scaled_lr": self.schedule.base_lr * self.schedule.scale,
+            "images_seen": sum(row["images_seen"] for row in self.history),
+            "mAP": evaluation["mAP"],
+            "per_class": evaluation["per_class"],
+            "mAP_11point": evaluation["mAP_11point"],
+            "per_class_11point": evaluation["per_class_11point"],
             "best_mAP": max(maps) if maps else None,
             "history": self.history,
             "train_seconds": round(seconds, 1),
@@ -239,27 +369,45 @@ class EpochRecorder(tf.keras.callbacks.Callback):
                 "dropped_boxes": self.train_batches.dropped_boxes,
                 "size_mismatches": self.train_batches.size_mismatches,
             },
-            "_by_metric": evaluation.get("by_metric"),
         }
-
-    def _append_csv(self, row: dict) -> None:
-        path = self.out / "metrics.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        _atomic_write(self.out / "results.json", json.dumps(results, indent=2))
+        table = per_class_table(evaluation["by_metric"])
+        _atomic_write(self.out / "results.md", f"# {results['run']}\n\n{table}\n")
+        logger.info("final validation AP:\n%s", table)
+        return results
 
     def _snapshot(self, epoch: int) -> None:
-        # Write to a temporary name and rename, so a kill never leaves a half-written snapshot.
+        # Every file goes to a temporary name and is renamed, and latest.txt moves last, so a
+        # kill at any moment leaves the previous complete snapshot as the latest one.
         folder = self.out / "snapshots"
         folder.mkdir(exist_ok=True)
-        final = folder / f"epoch_{epoch:03d}.h5"
-        partial = folder / f".epoch_{epoch:03d}.h5.partial"
+        stem = f"epoch_{epoch:03d}"
+        partial = folder / f".{stem}.h5.partial"
         self.model.save_weights(str(partial), save_format="h5")
-        os.replace(partial, final)
-        (folder / "latest.txt").write_text(final.name + "\n")
+        os.replace(partial, folder / f"{stem}.h5")
+        with open(folder / f".{stem}.optimizer.partial", "wb") as f:
+            np.savez(f, *self.model.optimizer.get_weights())
+        os.replace(folder / f".{stem}.optimizer.partial", folder / f"{stem}.optimizer.npz")
+        state = {
+            "epoch": epoch,
+            "schedule": self.schedule.state,
+            "early_stopping": self.stopper.state,
+            "processes": self.context.size,
+        }
+        _atomic_write(folder / f"{stem}.state.json", json.dumps(state, indent=2))
+        _atomic_write(folder / "latest.txt", stem + "\n")
+
+
+def weights_checksum(model) -> str:
+    """SHA-1 of every weight's bytes, in model order."""
+    digest = hashlib.sha1()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
+
+
+def _moving_statistics(model) -> list:
+    return [v for v in model.non_trainable_variables if "moving_" in v.name]
 
 
 def _epoch_stream(batches, initial_epoch: int, config: Config, num_classes: int):
@@ -314,25 +462,59 @@ def _load_split(root: Path, split: str, config: Config) -> VocDataset:
     return dataset
 
 
-def _restore(model, out: Path) -> int:
-    latest = out / "snapshots" / "latest.txt"
+def _restore(model, out: Path, schedule, stopper) -> int:
+    folder = out / "snapshots"
+    latest = folder / "latest.txt"
     if not latest.is_file():
         raise FileNotFoundError(f"--resume {out}: no snapshots/latest.txt in that directory")
-    name = latest.read_text().strip()
-    model.load_weights(str(out / "snapshots" / name))
-    epoch = int(name.split("_")[1].split(".")[0])
-    logger.info("resumed from %s (epoch %d)", name, epoch)
-    return epoch
+    stem = latest.read_text().strip()
+    model.load_weights(str(folder / f"{stem}.h5"))
+    with np.load(folder / f"{stem}.optimizer.npz") as arrays:
+        model.optimizer.set_weights([arrays[f"arr_{i}"] for i in range(len(arrays.files))])
+    state = json.loads((folder / f"{stem}.state.json").read_text())
+    schedule.state.update(state["schedule"])
+    stopper.state.update(state["early_stopping"])
+    logger.info(
+        "resumed from %s (epoch %d, optimizer iteration %d, plateau factor %g)",
+        stem, state["epoch"], int(model.optimizer.iterations.numpy()),
+        schedule.state["plateau_factor"],
+    )  # fmt: skip
+    return state["epoch"]
 
 
-def _write_results(results: dict, out: Path) -> None:
-    by_metric = results.pop("_by_metric", None)
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=2)
-    if by_metric:
-        table = per_class_table(by_metric)
-        (out / "results.md").write_text(f"# {results['run']}\n\n{table}\n")
-        logger.info("final validation AP:\n%s", table)
+def _read_metrics(path: Path) -> list:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [
+            {k: (int(v) if k in ("epoch", "global_batch", "images_seen") else _float(v or None))
+             for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]  # fmt: skip
+
+
+def _truncate_metrics(path: Path, epoch: int) -> None:
+    # Rows past the resumed epoch come from an epoch that will run again.
+    rows = [row for row in _read_metrics(path) if row["epoch"] <= epoch]
+    if path.is_file():
+        path.unlink()
+    for row in rows:
+        _append_metrics(path, row)
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def _setup_logging(context, out: Path) -> None:
@@ -371,4 +553,3 @@ def _float(value) -> float | None:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-

@@ -52,7 +52,10 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     assert "| mAP |" in (run / "results.md").read_text()
 
     # Snapshot written whole, pointed to by latest.txt; TensorBoard events present.
-    assert (run / "snapshots" / "latest.txt").read_text().strip() == "epoch_001.h5"
+    assert (run / "snapshots" / "latest.txt").read_text().strip() == "epoch_001"
+    assert (run / "snapshots" / "epoch_001.optimizer.npz").is_file()
+    state = json.loads((run / "snapshots" / "epoch_001.state.json").read_text())
+    assert state["epoch"] == 1 and state["schedule"]["plateau_factor"] == 1.0
     with h5py.File(run / "snapshots" / "epoch_001.h5") as f:
         assert len(f.keys()) > 10
     assert not list((run / "snapshots").glob("*.partial"))
@@ -69,7 +72,8 @@ def test_resume_continues_from_the_last_snapshot(tmp_path):
     rows = _read_metrics(run)
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert (run / "snapshots" / "epoch_002.h5").is_file()
-    assert "resumed from epoch_001.h5" in (run / "log.txt").read_text()
+    # The optimizer continued: Adam's iteration count after epoch 1 was 2 steps of 8 images.
+    assert "resumed from epoch_001 (epoch 1, optimizer iteration 2," in (run / "log.txt").read_text()
 
 
 def test_real_voc_sample_with_resnet50(voc_sample, tmp_path):
@@ -114,3 +118,33 @@ def test_demo_reaches_the_target_map(tmp_path, capsys):
     table = (out / "comparison.md").read_text()
     assert "demo_focal" in table and "demo_fgl" in table and "difference" in table
     assert "difference" in capsys.readouterr().out
+
+
+def test_learning_rate_scaling_warmup_and_plateau():
+    from fgl_retinanet.config import load_config
+    from fgl_retinanet.train import LearningRateController
+
+    config = load_config(
+        None, ["train.base_lr=0.001", "train.warmup_epochs=1", "train.reduce_lr_patience=2"]
+    )
+    # Horovod, 2 processes, linear rule: ramp from 1e-3 to 2e-3 over the first epoch (4 steps).
+    schedule = LearningRateController(config, world_size=2, steps_per_epoch=4)
+    assert [schedule.rate(step) for step in range(6)] == pytest.approx(
+        [0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.002]
+    )
+    # Plateau: two epochs without improvement of the (rank-averaged) loss divide the rate by 10.
+    schedule.set_model(_FakeModel())
+    for epoch, loss in enumerate([1.0, 0.5, 0.6, 0.5]):
+        schedule.on_epoch_end(epoch, {"loss": loss})
+    assert schedule.state["plateau_factor"] == pytest.approx(0.1)
+    assert schedule.rate(100) == pytest.approx(0.0002)
+    # No scaling: the configured rate, whatever the process count.
+    flat = LearningRateController(load_config(None, ["train.lr_scaling=none"]), 4, 10)
+    assert flat.rate(0) == flat.rate(50) == pytest.approx(1e-5)
+
+
+class _FakeModel:
+    class optimizer:  # noqa: N801 - mimics model.optimizer
+        import tensorflow as tf
+
+        learning_rate = tf.Variable(0.001)

@@ -1,0 +1,126 @@
+"""Multi-process training under `horovodrun -np 2 --gloo` on the CPU (marked `horovod`)."""
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.horovod
+
+BIN = Path(sys.executable).parent
+SMALL = [
+    "--config", "configs/demo_fgl.yaml", "data.toy.num_train=32", "data.toy.num_val=8",
+    "train.batch_size=4", "train.lr_scaling=none", "train.base_lr=0.0005",
+]  # fmt: skip
+
+
+def horovodrun(args, cwd, timeout=300, **popen):
+    command = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+               str(BIN / "fgl-train"), *args]  # fmt: skip
+    return subprocess.run(
+        command, cwd=cwd, timeout=timeout, capture_output=True, text=True, **popen
+    )
+
+
+def metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def checksum(log: Path) -> str:
+    (value,) = re.findall(r"weights checksum ([0-9a-f]{40})", log.read_text())
+    return value
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hvd")
+    result = horovodrun(
+        [*SMALL, "train.epochs=2", f"data.root={base / 'data'}", f"train.output_dir={base}"],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return base
+
+
+def test_ranks_agree_and_see_every_image_once(two_rank_run):
+    run = two_rank_run / "demo_fgl"
+    # Identical weights at the end: gradients averaged, batch-norm statistics averaged.
+    assert checksum(run / "log.txt") == checksum(two_rank_run / "demo_fgl.rank_logs/rank1.txt")
+    for row in metrics(run):
+        assert int(row["images_seen"]) == 32
+        assert int(row["global_batch"]) == 8
+    results = json.loads((run / "results.json").read_text())
+    assert results["processes"] == 2 and results["images_seen"] == 64
+
+
+def test_only_rank_zero_writes_the_run_directory(two_rank_run):
+    files = sorted(str(p.relative_to(two_rank_run)) for p in two_rank_run.rglob("*") if p.is_file())
+    # Rank 1 wrote exactly one file, its own log; everything else is rank 0's, once.
+    others = [f for f in files if f.startswith("demo_fgl.rank_logs")]
+    assert others == ["demo_fgl.rank_logs/rank1.txt"]
+    run_files = [f for f in files if f.startswith("demo_fgl/")]
+    assert len([f for f in run_files if "tfevents" in f]) == 1
+    expected = {"config.yaml", "log.txt", "metrics.csv", "results.json", "results.md"}
+    assert expected <= {Path(f).name for f in run_files}
+    assert "rank 1" not in (two_rank_run / "demo_fgl" / "log.txt").read_text()
+
+
+def test_one_and_two_ranks_share_budget_and_schedule(two_rank_run, tmp_path):
+    # Same global batch (1 x 8 vs 2 x 4) and seed: same images per epoch and learning rates.
+    from fgl_retinanet import cli
+
+    code = cli.train_main(
+        [*SMALL, "train.batch_size=8", "train.epochs=2", f"data.root={two_rank_run / 'data'}",
+         f"train.output_dir={tmp_path}"]
+    )  # fmt: skip
+    assert code == 0
+    one = metrics(tmp_path / "demo_fgl")
+    two = metrics(two_rank_run / "demo_fgl")
+    for key in ("epoch", "global_batch", "images_seen", "lr"):
+        assert [row[key] for row in one] == [row[key] for row in two], key
+
+
+def test_killed_worker_fails_fast_and_resume_completes(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    args = [*SMALL, "data.toy.num_train=256", "train.epochs=3", f"data.root={tmp_path / 'd'}",
+            f"train.output_dir={tmp_path}"]  # fmt: skip
+    run = tmp_path / "demo_fgl"
+    command = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+               str(BIN / "fgl-train"), *args]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        # Wait for the first complete epoch, then SIGKILL rank 1 in the middle of the next.
+        latest = run / "snapshots" / "latest.txt"
+        deadline = time.time() + 240
+        while not (latest.is_file() and latest.read_text().strip() == "epoch_001"):
+            assert time.time() < deadline, "first epoch never finished"
+            assert process.poll() is None, "run ended before the kill"
+            time.sleep(0.2)
+        rank1_log = tmp_path / "demo_fgl.rank_logs" / "rank1.txt"
+        (pid,) = re.findall(r"\(pid (\d+),", rank1_log.read_text())
+        os.kill(int(pid), signal.SIGKILL)
+        killed_at = time.time()
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code != 0
+    assert time.time() - killed_at < 120
+    assert len(metrics(run)) < 3
+
+    # Resume on two ranks from the last complete epoch and finish the schedule.
+    result = horovodrun(["--resume", str(run)], cwd=repo)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [row["epoch"] for row in metrics(run)] == ["1", "2", "3"]
+    assert "resumed from epoch_00" in (run / "log.txt").read_text()
+    assert checksum(run / "log.txt") == checksum(tmp_path / "demo_fgl.rank_logs" / "rank1.txt")

@@ -23,6 +23,7 @@ setup(
         "console_scripts": [
             "fgl-train=fgl_retinanet.cli:train_main",
             "fgl-demo=fgl_retinanet.cli:demo_main",
+            "fgl-evaluate=fgl_retinanet.cli:evaluate_main",
         ]
     },
 )

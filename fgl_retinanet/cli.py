@@ -3,6 +3,8 @@
     fgl-train --config configs/demo_fgl.yaml train.epochs=1
     fgl-train --resume runs/demo/demo_fgl
     fgl-demo --out runs/demo
+    fgl-evaluate runs/voc2012_fgl --root data/VOCdevkit/VOC2012 --split val
+    fgl-evaluate --detections runs/voc2012_fgl/eval_val/detections.json --root ... --split val
 """
 
 import argparse
@@ -13,7 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from fgl_retinanet.config import ConfigError, load_config, resolve_path, validate_paths
+from fgl_retinanet.config import (
+    ConfigError,
+    find_config,
+    load_config,
+    resolve_path,
+    validate_paths,
+)
 
 DEMO_CONFIGS = ("configs/demo_focal.yaml", "configs/demo_fgl.yaml")
 
@@ -55,7 +63,7 @@ def train_main(argv=None) -> int:
     try:
         train(config, resume=Path(args.resume) if args.resume else None)
     except (DataError, FileNotFoundError, RuntimeError) as e:
-        print(f"fgl-train: {e}", file=sys.stderr)
+        logging.getLogger("fgl_retinanet").error("stopped: %s", e)
         return 1
     return 0
 
@@ -76,7 +84,7 @@ def demo_main(argv=None) -> int:
         # Each run is the real fgl-train entry point with the demo output directory.
         name = Path(path).stem
         code = train_main(
-            ["--config", str(resolve_path(path)), f"train.output_dir={out}", *args.overrides]
+            ["--config", str(find_config(path)), f"train.output_dir={out}", *args.overrides]
         )
         if code != 0:
             print(f"fgl-demo: run {name} failed (exit {code})", file=sys.stderr)
@@ -104,6 +112,98 @@ def demo_main(argv=None) -> int:
         json.dump(summary, f, indent=2)
     print(f"\n{table}\n\nWall time {seconds:.0f} s; outputs in {out}")
     return 0
+
+
+def evaluate_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fgl-evaluate",
+        description="VOC (area, 11-point) and COCO AP of a trained run or of saved detections.",
+    )
+    parser.add_argument("run", nargs="?", help="run directory (latest snapshot) or snapshot .h5")
+    parser.add_argument("--detections", help="re-score this detections.json without a model")
+    parser.add_argument("--root", help="VOC directory (default: the run's data.root)")
+    parser.add_argument("--split", help="ImageSets/Main list (default: the run's val split)")
+    parser.add_argument("--out", help="output directory (default: RUN/eval_<split>)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.max_detections=50")
+    args = parser.parse_args(argv)
+
+    # Resolve every input before TensorFlow is imported.
+    try:
+        if bool(args.run) == bool(args.detections):
+            raise ConfigError("give either a run directory / snapshot or --detections FILE")
+        source = Path(args.run or args.detections).resolve()
+        if not source.exists():
+            raise ConfigError(f"{source} does not exist")
+        run, snapshot = _locate_run(source) if args.run else (source.parent.parent, None)
+        config_path = run / "config.yaml"
+        if not config_path.is_file() and not (args.root and args.detections):
+            raise ConfigError(f"no config.yaml in {run}: not a run directory")
+        overrides = list(args.overrides)
+        if args.root:
+            overrides += ["data.dataset=voc", f"data.root={args.root}"]
+        if args.split:
+            overrides.append(f"data.val_split={args.split}")
+        config = load_config(str(config_path) if config_path.is_file() else None, overrides)
+        validate_paths(config)
+    except ConfigError as e:
+        print(f"fgl-evaluate: {e}", file=sys.stderr)
+        return 2
+
+    from fgl_retinanet.data import DataError, load_split
+
+    split = config.data.val_split
+    out = Path(args.out) if args.out else run / f"eval_{split}"
+    try:
+        dataset = load_split(_data_root(config), split, config)
+    except DataError as e:
+        print(f"fgl-evaluate: {e}", file=sys.stderr)
+        return 1
+
+    # One inference pass (or none when re-scoring), then every metric from its detections.
+    if args.detections:
+        with open(source) as f:
+            detections = json.load(f)["detections"]
+    else:
+        detections = _run_inference(config, snapshot, dataset, args.batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    from fgl_retinanet.evaluation import write_evaluation
+
+    summary = write_evaluation(out, dataset, detections, config, name=run.name)
+    print(f"\n{summary['table']}\n\n{summary['csv_header']}\n{summary['csv_line']}")
+    print(f"\noutputs in {out}")
+    return 0
+
+
+def _locate_run(source: Path) -> tuple[Path, Path]:
+    """(run directory, snapshot .h5) from either of them."""
+    if source.is_dir():
+        latest = source / "snapshots" / "latest.txt"
+        if not latest.is_file():
+            raise ConfigError(f"{source} has no snapshots/latest.txt")
+        return source, source / "snapshots" / f"{latest.read_text().strip()}.h5"
+    if source.suffix != ".h5":
+        raise ConfigError(f"{source} is neither a run directory nor a .h5 snapshot")
+    return source.parent.parent, source
+
+
+def _data_root(config) -> Path:
+    if config.data.dataset == "toy":
+        from fgl_retinanet.train import dataset_root
+
+        return dataset_root(config)
+    return resolve_path(config.data.root)
+
+
+def _run_inference(config, snapshot: Path, dataset, batch_size: int) -> dict:
+    _quiet_tensorflow()
+    from fgl_retinanet.model import build_inference_model, build_training_model, detect
+
+    model = build_training_model(config, len(config.data.classes))
+    model.load_weights(str(snapshot))
+    inference = build_inference_model(model, config)
+    print(f"inference on {len(dataset)} images with {snapshot.name}")
+    return detect(inference, dataset, config, batch_size=batch_size, progress=True)
 
 
 def _quiet_tensorflow() -> None:

@@ -49,6 +49,7 @@ class DataConfig:
     flip_chance: float = 0.5  # probability of a horizontal flip per training image
     difficult: str = "include"  # difficult objects in training: "include" or "ignore"
     unknown_classes: str = "error"  # objects named outside `classes`: "error" or "skip"
+    bad_boxes: str = "error"  # objects without a usable box inside the image: "error" or "skip"
     toy: ToyDataConfig = field(default_factory=ToyDataConfig)  # used when dataset == "toy"
 
 
@@ -115,6 +116,7 @@ _CHOICES = {
     "data.dataset": ("voc", "toy"),
     "data.difficult": ("include", "ignore"),
     "data.unknown_classes": ("error", "skip"),
+    "data.bad_boxes": ("error", "skip"),
     "train.lr_scaling": ("none", "linear"),
 }
 
@@ -168,9 +170,14 @@ def validate_paths(config: Config) -> None:
 
 
 def resolve_path(path: str) -> Path:
-    """Expands ~ and makes a relative path relative to the project root if it exists there."""
-    candidate = Path(os.path.expanduser(path))
-    if candidate.is_absolute() or candidate.exists():
+    """Expands ~; a relative path stays relative to the working directory."""
+    return Path(os.path.expanduser(path))
+
+
+def find_config(path) -> Path:
+    """A config file by path, or by its path inside the project (configs/demo_fgl.yaml)."""
+    candidate = resolve_path(str(path))
+    if candidate.exists() or candidate.is_absolute():
         return candidate
     return PROJECT_ROOT / candidate
 
@@ -181,7 +188,7 @@ def save_config(config: Config, path: Path) -> None:
 
 
 def _load_yaml_chain(path: Path, seen: tuple = ()) -> dict:
-    path = resolve_path(str(path)) if not path.exists() else path
+    path = find_config(path)
     if path.resolve() in seen:
         raise ConfigError(f"config {path} inherits from itself through _base_")
     try:

@@ -4,6 +4,7 @@ The parsing and the toy dataset use only numpy/OpenCV; TensorFlow and keras-reti
 imported only when a training generator is built.
 """
 
+import dataclasses
 import logging
 import math
 import xml.etree.ElementTree as ET
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ class ImageRecord:
 
     image_id: str
     image_path: Path
-    width: int  # from <size>, 0 if absent
+    width: int  # of the image file (a disagreeing <size> is reported)
     height: int
     boxes: np.ndarray  # (objects, 4) x1, y1, x2, y2
     labels: np.ndarray  # (objects,) int class index
@@ -45,38 +47,60 @@ class DataReport:
     per_class: dict = field(default_factory=dict)
     difficult: int = 0
     truncated: int = 0
-    problems: list = field(default_factory=list)  # (file, message) pairs
+    problems: list = field(default_factory=list)  # (file, message): images or objects left out
+    notes: list = field(default_factory=list)  # (file, message): fixed, e.g. boxes clipped
     skipped_objects: int = 0  # named outside the class list, skipped by policy
-    unusable_objects: int = 0  # no box, or x2 <= x1 / y2 <= y1 (each also in problems)
+    unknown_names: dict = field(default_factory=dict)  # unknown class name -> object count
+    bad_boxes: int = 0  # no box, or nothing left inside the image, skipped by policy
+    clipped_boxes: int = 0  # crossing the image border, clipped (kept)
+    size_mismatches: int = 0  # <size> disagrees with the image file; the file wins
+    unreadable_images: int = 0  # listed but missing or not decodable, left out
 
     def summary(self) -> str:
         lines = [
             f"{self.images} images, {self.objects} objects "
             f"({self.difficult} difficult, {self.truncated} truncated)"
         ]
-        if self.skipped_objects:
-            lines.append(f"{self.skipped_objects} objects with unknown class names skipped")
-        if self.unusable_objects:
-            lines.append(f"{self.unusable_objects} objects without a usable box left out")
-        for path, message in self.problems[:20]:
+        counts = {
+            "objects with unknown class names skipped": self.skipped_objects,
+            "objects without a usable box skipped": self.bad_boxes,
+            "boxes crossing the border clipped": self.clipped_boxes,
+            "images whose <size> disagrees with the file": self.size_mismatches,
+            "images missing or unreadable, left out": self.unreadable_images,
+        }
+        lines += [f"{count} {what}" for what, count in counts.items() if count]
+        if self.unknown_names:
+            names = ", ".join(f"{n!r} x{c}" for n, c in sorted(self.unknown_names.items()))
+            lines.append(f"unknown class names: {names}")
+        for path, message in (self.problems + self.notes)[:20]:
             lines.append(f"  {path}: {message}")
-        if len(self.problems) > 20:
-            lines.append(f"  ... and {len(self.problems) - 20} more problems")
+        if len(self.problems) + len(self.notes) > 20:
+            lines.append(f"  ... and {len(self.problems) + len(self.notes) - 20} more")
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class VocDataset:
     """The images of one ImageSets/Main split of a VOC directory, parsed once up front.
 
+    Every image file is opened (header only) so that missing or undecodable images and a wrong
+    `<size>` are found before training, not inside a data-loading thread at step 4,000.
+
     Args:
         root: directory with Annotations/, JPEGImages/ and ImageSets/Main/.
         split: name of the list file, e.g. "train" for ImageSets/Main/train.txt.
         classes: class names; the label of a class is its index here.
-        unknown_classes: "error" stops with one message naming every offending file and name;
-            "skip" drops those objects and counts them in the report.
+        unknown_classes: objects named outside `classes`: "error" stops with one message naming
+            every offending file and name; "skip" leaves them out and counts them.
+        bad_boxes: objects with no usable box (missing, x2 <= x1 or y2 <= y1 after clipping to
+            the image): "error" or "skip", as above.
     """
 
-    def __init__(self, root, split: str, classes, unknown_classes: str = "error"):
+    def __init__(
+        self, root, split: str, classes, unknown_classes: str = "error", bad_boxes: str = "error"
+    ):
         self.root = Path(root)
         self.split = split
         self.classes = list(classes)
@@ -88,31 +112,39 @@ class VocDataset:
 
         # Parse every annotation now, so problems surface before the first training step.
         self.records = []
-        unknown = []
+        unknown, bad = [], []
         for image_id in ids:
-            record = self._parse(image_id, unknown, unknown_classes)
+            record = self._parse(image_id, unknown, bad)
             if record is not None:
                 self.records.append(record)
-        if unknown and unknown_classes == "error":
-            names = ", ".join(f"{path} ({name!r})" for path, name in unknown[:50])
-            raise DataError(
-                f"{len(unknown)} objects in {split} have class names outside data.classes: "
-                f"{names}{' ...' if len(unknown) > 50 else ''} "
-                "(set data.unknown_classes=skip to skip them)"
-            )
         self.report.images = len(self.records)
+
+        # Policies: stop with every offender named, or count what was skipped.
+        errors = []
+        if unknown and unknown_classes == "error":
+            errors.append(
+                _offenders(f"objects in {split} with class names outside data.classes", unknown)
+                + " (set data.unknown_classes=skip to skip them)"
+            )
+        if bad and bad_boxes == "error":
+            errors.append(
+                _offenders(f"objects in {split} without a usable box", bad)
+                + " (set data.bad_boxes=skip to skip them)"
+            )
+        if errors:
+            raise DataError("; ".join(errors))
+        self.report.skipped_objects = len(unknown)
+        self.report.bad_boxes = len(bad)
+        self.report.problems += [(path, f"skipped object: {what}") for path, what in unknown + bad]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _parse(self, image_id: str, unknown: list, policy: str) -> ImageRecord | None:
+    def _parse(self, image_id: str, unknown: list, bad: list) -> ImageRecord | None:
         xml_path = self.root / "Annotations" / f"{image_id}.xml"
         image_path = self.root / "JPEGImages" / f"{image_id}.jpg"
         if not xml_path.is_file():
             self.report.problems.append((str(xml_path), "listed in the split but missing"))
-            return None
-        if not image_path.is_file():
-            self.report.problems.append((str(image_path), "listed in the split but missing"))
             return None
         try:
             root = ET.parse(xml_path).getroot()
@@ -120,25 +152,46 @@ class VocDataset:
             self.report.problems.append((str(xml_path), f"malformed XML: {e}"))
             return None
 
-        # <size> is advisory: it is compared with the decoded image when the image is read.
-        width = _int_text(root.find("size/width"))
-        height = _int_text(root.find("size/height"))
+        # The image file decides the size; <size> is checked against it.
+        try:
+            with Image.open(image_path) as image:
+                width, height = image.size
+        except (OSError, UnidentifiedImageError) as e:
+            self.report.unreadable_images += 1
+            self.report.problems.append((str(image_path), f"missing or unreadable image: {e}"))
+            return None
+        declared = (_int_text(root.find("size/width")), _int_text(root.find("size/height")))
+        if declared != (0, 0) and declared != (width, height):
+            self.report.size_mismatches += 1
+            self.report.notes.append(
+                (str(xml_path), f"<size> says {declared[0]}x{declared[1]}, image is "
+                 f"{width}x{height}; boxes are clipped to the image")
+            )  # fmt: skip
 
         boxes, labels, difficult, truncated = [], [], [], []
         # Only direct <object> children: <part> sub-boxes of person layout are not objects.
         for index, obj in enumerate(root.findall("object")):
             name = (obj.findtext("name") or "").strip()
             if name not in self.classes:
-                unknown.append((str(xml_path), name))
-                if policy == "skip":
-                    self.report.skipped_objects += 1
+                unknown.append((str(xml_path), f"object {index} named {name!r}"))
+                self.report.unknown_names[name] = self.report.unknown_names.get(name, 0) + 1
+                continue
+            if len(obj.findall("bndbox")) != 1:
+                bad.append((str(xml_path), f"object {index} ({name}) has "
+                            f"{len(obj.findall('bndbox'))} boxes"))  # fmt: skip
                 continue
             box = _parse_box(obj.find("bndbox"))
-            if box is None:
-                self.report.problems.append((str(xml_path), f"object {index} has no usable box"))
-                self.report.unusable_objects += 1
+            clipped = None if box is None else _clip(box, width, height)
+            if clipped is None or clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+                bad.append((str(xml_path), f"object {index} ({name}) has no usable box "
+                            f"inside the {width}x{height} image"))  # fmt: skip
                 continue
-            boxes.append(box)
+            if clipped != box:
+                self.report.clipped_boxes += 1
+                self.report.notes.append(
+                    (str(xml_path), f"object {index} ({name}) clipped to the image border")
+                )
+            boxes.append(clipped)
             labels.append(self.classes.index(name))
             difficult.append(_int_text(obj.find("difficult")) == 1)
             truncated.append(_int_text(obj.find("truncated")) == 1)
@@ -167,6 +220,13 @@ class VocDataset:
             ]
             for record in self.records
         }
+
+
+def load_split(root, split: str, config) -> VocDataset:
+    """A split parsed with the policies of `config.data`."""
+    return VocDataset(
+        root, split, config.data.classes, config.data.unknown_classes, config.data.bad_boxes
+    )
 
 
 def read_image_bgr(path: Path) -> np.ndarray:
@@ -289,6 +349,22 @@ def _voc_xml(image_id: str, width: int, height: int, objects) -> str:
         ]
     parts.append("</annotation>")
     return "\n".join(parts) + "\n"
+
+
+def _offenders(what: str, items: list) -> str:
+    listed = ", ".join(f"{path}: {detail}" for path, detail in items[:50])
+    return f"{len(items)} {what}: {listed}{' ...' if len(items) > 50 else ''}"
+
+
+def _clip(box: list, width: int, height: int) -> list:
+    # 0-based pixel indices: the last column is width - 1.
+    x1, y1, x2, y2 = box
+    return [
+        min(max(x1, 0.0), width - 1.0),
+        min(max(y1, 0.0), height - 1.0),
+        min(max(x2, 0.0), width - 1.0),
+        min(max(y2, 0.0), height - 1.0),
+    ]
 
 
 def _int_text(node) -> int:

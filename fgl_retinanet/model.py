@@ -122,8 +122,48 @@ def load_weights(model: keras.Model, config) -> str:
             ) from None
     else:
         path = weights
-    model.load_weights(path, by_name=True, skip_mismatch=True)
-    return path
+
+    # Load by layer name, skipping shape mismatches as keras-retinanet does, but say how much
+    # was really loaded: a snapshot of another architecture would otherwise load nothing.
+    try:
+        matched, total = _matching_layers(model, path)
+        model.load_weights(path, by_name=True, skip_mismatch=True)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"cannot load weights from {path}: {e}") from None
+    if matched == 0:
+        raise RuntimeError(
+            f"no layer of the {config.model.backbone} model matches the weights in {path} "
+            "(wrong file or backbone?)"
+        )
+    if matched < total:
+        logger.warning("weights from %s fit %d of %d layers; the rest start random",
+                       path, matched, total)  # fmt: skip
+    return f"{path} ({matched} of {total} layers with weights)"
+
+
+def _matching_layers(model: keras.Model, path: str) -> tuple[int, int]:
+    """How many of the model's layers with weights find same-named, same-shaped weights."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        group = f["model_weights"] if "model_weights" in f else f
+        saved = {}
+        for name in group.attrs.get("layer_names", []):
+            name = name.decode() if isinstance(name, bytes) else name
+            layer = group[name]
+            names = [n.decode() if isinstance(n, bytes) else n
+                     for n in layer.attrs.get("weight_names", [])]  # fmt: skip
+            saved[name] = [tuple(layer[n].shape) for n in names]
+    layers = [layer for layer in _flat_layers(model) if layer.weights]
+    matched = sum(
+        saved.get(layer.name) == [tuple(w.shape) for w in layer.weights] for layer in layers
+    )
+    return matched, len(layers)
+
+
+def _flat_layers(model: keras.Model) -> list:
+    # Submodels (the heads) are saved as one h5 group holding all their layers' weights.
+    return list(model.layers)
 
 
 def build_inference_model(training_model: keras.Model, config) -> keras.Model:
@@ -146,8 +186,13 @@ def build_inference_model(training_model: keras.Model, config) -> keras.Model:
     )
 
 
-def detect(inference_model: keras.Model, dataset, config, batch_size: int = 8) -> dict:
-    """Runs inference over a dataset.
+def detect(
+    inference_model: keras.Model, dataset, config, batch_size: int = 8, progress: bool = False
+) -> dict:
+    """Runs inference over a dataset, batching images that resize to the same shape.
+
+    Args:
+        progress: show a Keras progress bar (the evaluation script does; training does not).
 
     Returns:
         {image_id: [{"box": [x1, y1, x2, y2], "score": float, "label": str}]} in the dataset's
@@ -166,10 +211,13 @@ def detect(inference_model: keras.Model, dataset, config, batch_size: int = 8) -
                  "label": dataset.classes[int(label)]}
                 for box, score, label in zip(b[keep], s[keep], lab[keep])
             ]  # fmt: skip
+        if bar is not None:
+            bar.add(len(pending))
         pending.clear()
 
-    # Batch consecutive images of the same resized shape; flush when the shape changes.
-    for record in dataset.records:
+    # Visit images grouped by their annotated size, so equal shapes meet in one batch.
+    bar = keras.utils.Progbar(len(dataset.records), unit_name="image") if progress else None
+    for record in sorted(dataset.records, key=lambda r: (r.height, r.width)):
         image = read_image_bgr(record.image_path)
         image, scale = resize_image(
             image, min_side=config.data.image_min_side, max_side=config.data.image_max_side

@@ -20,7 +20,7 @@ from keras_retinanet.utils.anchors import (
 from keras_retinanet.utils.image import adjust_transform_for_image, preprocess_image
 from keras_retinanet.utils.transform import random_transform_generator
 
-from fgl_retinanet.data import VocDataset, read_image_bgr
+from fgl_retinanet.data import DataError, VocDataset, read_image_bgr
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,8 @@ class VocSequence(Generator):
         self.epoch = 0
         self.ignore_difficult = config.data.difficult == "ignore"
         self.anchor_params = anchor_parameters(config.model.anchor_sizes)
-        self.clipped_boxes = 0  # objects crossing the border, clipped (counted, not dropped)
-        self.dropped_boxes = 0  # objects with no area left inside the image after clipping
-        self.size_mismatches = 0  # images whose <size> disagrees with the decoded pixels
+        # Images that passed the header check but failed to decode during training.
+        self.unreadable_images = set()
 
         # Augmentation: keras-retinanet's transform generator, seeded per rank.
         transforms = None
@@ -104,13 +103,22 @@ class VocSequence(Generator):
 
     def load_image(self, image_index) -> np.ndarray:
         record = self.dataset.records[image_index]
-        image = read_image_bgr(record.image_path)
-        if record.width and (image.shape[1], image.shape[0]) != (record.width, record.height):
-            self.size_mismatches += 1
-        return image
+        try:
+            return read_image_bgr(record.image_path)
+        except DataError:
+            # A corrupt file body (the header was fine at start-up) must not end a long run:
+            # train on a blank image without objects, and name the file once.
+            if image_index not in self.unreadable_images:
+                logger.warning("cannot decode %s: used as a blank image", record.image_path)
+            self.unreadable_images.add(image_index)
+            return np.zeros((record.height, record.width, 3), np.uint8)
 
     def load_annotations(self, image_index) -> dict:
         record = self.dataset.records[image_index]
+        if image_index in self.unreadable_images:
+            return {key: np.zeros((0, 4)) for key in ("bboxes", "ignore_bboxes")} | {
+                "labels": np.zeros((0,))
+            }
         keep = ~record.difficult if self.ignore_difficult else np.ones(len(record.boxes), bool)
         return {
             "labels": record.labels[keep].astype(np.float64),
@@ -167,26 +175,11 @@ class VocSequence(Generator):
         return self.compute_inputs(images), self.compute_targets(images, annotations)
 
     def filter_annotations(self, image_group, annotations_group, group):
-        """Clips boxes to the image instead of dropping them; counts what it changes."""
-        for image, annotations in zip(image_group, annotations_group):
-            height, width = image.shape[:2]
-            for key in ("bboxes", "ignore_bboxes"):
-                boxes = annotations[key]
-                clipped = boxes.copy()
-                clipped[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width - 1)
-                clipped[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height - 1)
-                if key == "bboxes":
-                    self.clipped_boxes += int(np.any(clipped != boxes, axis=1).sum())
-                annotations[key] = clipped
+        """Keeps every box: VocDataset already clipped them to the image and reported it.
 
-            # A box entirely outside the image has no area left: count it, then drop it.
-            empty = (annotations["bboxes"][:, 2] <= annotations["bboxes"][:, 0]) | (
-                annotations["bboxes"][:, 3] <= annotations["bboxes"][:, 1]
-            )
-            if empty.any():
-                self.dropped_boxes += int(empty.sum())
-                annotations["bboxes"] = annotations["bboxes"][~empty]
-                annotations["labels"] = annotations["labels"][~empty]
+        keras-retinanet's version drops boxes that touch or cross the border, which would
+        silently remove objects from training.
+        """
         return image_group, annotations_group
 
     def random_transform_group_entry(self, image, annotations, transform=None):

@@ -26,7 +26,7 @@ from keras_retinanet.losses import smooth_l1
 
 from fgl_retinanet import distributed
 from fgl_retinanet.config import Config, resolve_path, save_config
-from fgl_retinanet.data import DataError, VocDataset, generate_toy_dataset, make_generator
+from fgl_retinanet.data import DataError, generate_toy_dataset, load_split, make_generator
 from fgl_retinanet.evaluation import average_precisions, per_class_table
 from fgl_retinanet.losses import build_loss
 from fgl_retinanet.model import (
@@ -145,7 +145,7 @@ def train(config: Config, resume: Path | None = None) -> dict:
 
     # Callback order matters: averaged metrics first, then LR decisions, evaluation, stopping,
     # and finally the record of the epoch, which saves the state all of them produced.
-    recorder = RunRecorder(context, config, out, train_batches, schedule, stopper)
+    recorder = RunRecorder(context, config, out, train_batches, val_set, schedule, stopper)
     evaluator = Evaluator(context, config, val_set, build_inference_model(model, config))
     callbacks = distributed.metric_averaging(context) + [schedule, evaluator, stopper, recorder]
     if context.is_primary and config.train.tensorboard:
@@ -296,12 +296,13 @@ class EarlyStopper(tf.keras.callbacks.Callback):
 class RunRecorder(tf.keras.callbacks.Callback):
     """Per epoch on rank 0: snapshot (weights, optimizer, schedule), then the metrics.csv row."""
 
-    def __init__(self, context, config, out, train_batches, schedule, stopper):
+    def __init__(self, context, config, out, train_batches, val_set, schedule, stopper):
         super().__init__()
         self.context = context
         self.config = config
         self.out = Path(out)
         self.train_batches = train_batches
+        self.val_report = val_set.report
         self.schedule = schedule
         self.stopper = stopper
         self.history = _read_metrics(self.out / "metrics.csv") if context.is_primary else []
@@ -364,11 +365,15 @@ class RunRecorder(tf.keras.callbacks.Callback):
             "best_mAP": max(maps) if maps else None,
             "history": self.history,
             "train_seconds": round(seconds, 1),
-            "data_warnings": {
-                "clipped_boxes": self.train_batches.clipped_boxes,
-                "dropped_boxes": self.train_batches.dropped_boxes,
-                "size_mismatches": self.train_batches.size_mismatches,
+            # What parsing fixed or left out, per split, with the files named.
+            "data_report": {
+                "train": self.train_batches.dataset.report.to_dict(),
+                "val": self.val_report.to_dict(),
             },
+            "unreadable_during_training": sorted(
+                str(self.train_batches.dataset.records[i].image_path)
+                for i in self.train_batches.unreadable_images
+            ),
         }
         _atomic_write(self.out / "results.json", json.dumps(results, indent=2))
         table = per_class_table(evaluation["by_metric"])
@@ -456,8 +461,8 @@ def _epoch_stream(batches, initial_epoch: int, config: Config, num_classes: int)
     ).prefetch(1)
 
 
-def _load_split(root: Path, split: str, config: Config) -> VocDataset:
-    dataset = VocDataset(root, split, config.data.classes, config.data.unknown_classes)
+def _load_split(root: Path, split: str, config: Config) -> "VocDataset":
+    dataset = load_split(root, split, config)
     logger.info("%s/%s: %s", root.name, split, dataset.report.summary())
     return dataset
 

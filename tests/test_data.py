@@ -268,9 +268,9 @@ def test_unknown_class_error_names_every_file_and_name(tmp_path):
     with pytest.raises(DataError) as info:
         VocDataset(root, "train", VOC_CLASSES)
     message = str(info.value)
-    assert message.startswith("2 objects in train have class names outside data.classes")
-    assert f"{root / 'Annotations' / 'a.xml'} ('zebra')" in message
-    assert f"{root / 'Annotations' / 'c.xml'} ('unicorn')" in message
+    assert message.startswith("2 objects in train with class names outside data.classes")
+    assert f"{root / 'Annotations' / 'a.xml'}: object 0 named 'zebra'" in message
+    assert f"{root / 'Annotations' / 'c.xml'}: object 0 named 'unicorn'" in message
     assert "b.xml" not in message
     assert "data.unknown_classes=skip" in message
 
@@ -282,7 +282,11 @@ def test_unknown_class_skip_counts_the_objects(tmp_path):
     assert [len(record.boxes) for record in dataset.records] == [1, 1, 0]
     assert dataset.report.per_class["dog"] == 1 and dataset.report.per_class["cat"] == 1
     assert "zebra" not in dataset.report.per_class
-    assert "2 objects with unknown class names skipped" in dataset.report.summary()
+    summary = dataset.report.summary()
+    assert "2 objects with unknown class names skipped" in summary
+    # The names and files are reported, so a typo like 'persn' cannot hide.
+    assert dataset.report.unknown_names == {"zebra": 1, "unicorn": 1}
+    assert "'unicorn' x1" in summary and "a.xml: skipped object: object 0 named 'zebra'" in summary
 
 
 def test_person_parts_are_not_objects(tmp_path):
@@ -312,16 +316,65 @@ def test_unusable_boxes_are_reported_and_dropped(tmp_path):
         "<object><name>cat</name></object>",  # no box at all
     ]
     root = write_voc(tmp_path, {"a": annotation_xml(*objects)})
-    dataset = VocDataset(root, "train", VOC_CLASSES)
+    xml_path = str(root / "Annotations" / "a.xml")
+
+    # Default policy: stop, naming the file and every object.
+    with pytest.raises(DataError) as info:
+        VocDataset(root, "train", VOC_CLASSES)
+    message = str(info.value)
+    assert message.startswith("5 objects in train without a usable box")
+    assert all(f"object {index} (cat)" in message for index in (1, 2, 3, 4, 5))
+    assert "data.bad_boxes=skip" in message
+
+    # skip: left out, counted and named.
+    dataset = VocDataset(root, "train", VOC_CLASSES, bad_boxes="skip")
     record = only_record(dataset)
     np.testing.assert_array_equal(record.boxes, [[4.0, 4.0, 19.0, 19.0]])
     assert record.labels.tolist() == [VOC_CLASSES.index("dog")]
-    xml_path = str(root / "Annotations" / "a.xml")
-    assert dataset.report.problems == [
-        (xml_path, f"object {index} has no usable box") for index in (1, 2, 3, 4, 5)
-    ]
+    assert [path for path, _ in dataset.report.problems] == [xml_path] * 5
+    assert dataset.report.bad_boxes == 5
     assert dataset.report.objects == 1
     assert dataset.report.per_class["cat"] == 0
+
+
+def test_border_boxes_are_clipped_not_dropped(tmp_path):
+    objects = [
+        object_xml("dog", [-4, 5, 20, 20]),  # crosses the left border
+        object_xml("cat", [5, 5, IMAGE_WIDTH + 30, IMAGE_HEIGHT]),  # crosses right, touches bottom
+        object_xml("cat", [IMAGE_WIDTH + 5, 5, IMAGE_WIDTH + 30, 20]),  # entirely outside
+    ]
+    root = write_voc(tmp_path, {"a": annotation_xml(*objects)})
+    dataset = VocDataset(root, "train", VOC_CLASSES, bad_boxes="skip")
+    record = only_record(dataset)
+    np.testing.assert_array_equal(
+        record.boxes,
+        [[0.0, 4.0, 19.0, 19.0], [4.0, 4.0, IMAGE_WIDTH - 1.0, IMAGE_HEIGHT - 1.0]],
+    )
+    assert dataset.report.clipped_boxes == 2
+    assert dataset.report.bad_boxes == 1
+    assert "2 boxes crossing the border clipped" in dataset.report.summary()
+
+
+def test_size_tag_disagreeing_with_the_image(tmp_path):
+    text = annotation_xml(object_xml("dog", [1, 1, 10, 10])).replace(
+        f"<width>{IMAGE_WIDTH}</width>", f"<width>{IMAGE_WIDTH * 2}</width>"
+    )
+    dataset = VocDataset(write_voc(tmp_path, {"a": text}), "train", VOC_CLASSES)
+    record = only_record(dataset)
+    assert (record.width, record.height) == (IMAGE_WIDTH, IMAGE_HEIGHT)
+    assert dataset.report.size_mismatches == 1
+    assert "a.xml: <size> says" in dataset.report.summary()
+
+
+def test_undecodable_image_is_named_and_left_out(tmp_path):
+    good = annotation_xml(object_xml("dog", [1, 1, 10, 10]))
+    root = write_voc(tmp_path, {"good": good, "text": good})
+    (root / "JPEGImages" / "text.jpg").write_text("not an image")
+    dataset = VocDataset(root, "train", VOC_CLASSES)
+    assert [record.image_id for record in dataset.records] == ["good"]
+    assert dataset.report.unreadable_images == 1
+    (problem,) = dataset.report.problems
+    assert problem[0].endswith("text.jpg") and "unreadable" in problem[1]
 
 
 def test_broken_and_missing_files_are_reported(tmp_path):
@@ -345,7 +398,7 @@ def test_broken_and_missing_files_are_reported(tmp_path):
     assert len(problems) == 3
     assert problems[str(root / "Annotations" / "malformed.xml")].startswith("malformed XML")
     assert problems[str(root / "Annotations" / "no_xml.xml")] == "listed in the split but missing"
-    assert problems[str(root / "JPEGImages" / "no_jpeg.jpg")] == "listed in the split but missing"
+    assert "missing or unreadable image" in problems[str(root / "JPEGImages" / "no_jpeg.jpg")]
     assert "malformed.xml" in dataset.report.summary()
 
 

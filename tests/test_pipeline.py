@@ -76,17 +76,32 @@ def test_epoch_order_is_deterministic_and_shards_are_disjoint(toy_root):
     assert [i for g in again.groups for i in g] == seen_orders[1]
 
 
-def test_border_boxes_are_clipped_and_counted(toy_root):
+def test_boxes_on_the_border_reach_the_targets(toy_root):
+    # keras-retinanet's filter drops boxes touching the border; ours keeps every object.
     dataset = VocDataset(toy_root, "train", TOY_CLASSES)
     sequence = VocSequence(dataset, _config("data.flip_chance=0"), training=False)
-    record = dataset.records[0]
-    annotations = sequence.load_annotations(0)
-    annotations["bboxes"][0] = [-5.0, 3.0, 200.0, 40.0]
-    image = np.zeros((record.height, record.width, 3), np.uint8)
-    _, (clipped,) = sequence.filter_annotations([image], [annotations], [0])
-    assert clipped["bboxes"][0].tolist() == [0.0, 3.0, 127.0, 40.0]
-    assert len(clipped["bboxes"]) == len(record.boxes)
-    assert sequence.clipped_boxes == 1
+    index = next(i for i, r in enumerate(dataset.records) if (r.boxes[:, 2] == 127).any())
+    annotations = sequence.load_annotations(index)
+    image = sequence.load_image(index)
+    _, (kept,) = sequence.filter_annotations([image], [annotations], [index])
+    np.testing.assert_array_equal(kept["bboxes"], dataset.records[index].boxes)
+
+
+def test_undecodable_image_during_training_is_blank_and_named(toy_root, tmp_path, caplog):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(toy_root, root)
+    dataset = VocDataset(root, "train", TOY_CLASSES)
+    # The header check passed at start-up; the file breaks afterwards.
+    path = dataset.records[2].image_path
+    path.write_bytes(path.read_bytes()[:200])
+    sequence = VocSequence(dataset, _config("data.flip_chance=0"), training=False)
+    inputs, (regression, labels) = sequence.build_batch([2, 3], [None, None])
+    assert inputs.shape[0] == 2
+    assert (labels[0, :, -1] == 1).sum() == 0 and (labels[1, :, -1] == 1).sum() > 0
+    assert sequence.unreadable_images == {2}
+    assert str(path) in caplog.text
 
 
 def test_difficult_ignore_turns_background_anchors_into_ignore(voc_sample):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from types import SimpleNamespace
 
 import h5py
 import pytest
@@ -133,7 +134,9 @@ def test_learning_rate_scaling_warmup_and_plateau():
         [0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.002]
     )
     # Plateau: two epochs without improvement of the (rank-averaged) loss divide the rate by 10.
-    schedule.set_model(_FakeModel())
+    import tensorflow as tf
+
+    schedule.set_model(SimpleNamespace(optimizer=SimpleNamespace(learning_rate=tf.Variable(1e-3))))
     for epoch, loss in enumerate([1.0, 0.5, 0.6, 0.5]):
         schedule.on_epoch_end(epoch, {"loss": loss})
     assert schedule.state["plateau_factor"] == pytest.approx(0.1)
@@ -141,10 +144,3 @@ def test_learning_rate_scaling_warmup_and_plateau():
     # No scaling: the configured rate, whatever the process count.
     flat = LearningRateController(load_config(None, ["train.lr_scaling=none"]), 4, 10)
     assert flat.rate(0) == flat.rate(50) == pytest.approx(1e-5)
-
-
-class _FakeModel:
-    class optimizer:  # noqa: N801 - mimics model.optimizer
-        import tensorflow as tf
-
-        learning_rate = tf.Variable(0.001)

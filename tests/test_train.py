@@ -144,3 +144,20 @@ def test_learning_rate_scaling_warmup_and_plateau():
     # No scaling: the configured rate, whatever the process count.
     flat = LearningRateController(load_config(None, ["train.lr_scaling=none"]), 4, 10)
     assert flat.rate(0) == flat.rate(50) == pytest.approx(1e-5)
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path, capsys):
+    # Not HDF5 at all: one line, exit 1.
+    args = ["--config", "configs/demo_fgl.yaml", *TINY, f"data.root={tmp_path / 'data'}",
+            f"train.output_dir={tmp_path}"]  # fmt: skip
+    assert cli.train_main([*args, "model.weights=README.md"]) == 1
+    assert "cannot load weights from README.md" in capsys.readouterr().err
+
+    # HDF5 weights of another model: nothing would load, so refuse instead of training randomly.
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["layer_names"] = [b"dense_1"]
+        f.create_group("dense_1").attrs["weight_names"] = [b"dense_1/kernel:0"]
+        f["dense_1"].create_dataset("dense_1/kernel:0", data=[[1.0]])
+    assert cli.train_main([*args, f"model.weights={other}"]) == 1
+    assert "no layer of the tiny model matches" in capsys.readouterr().err

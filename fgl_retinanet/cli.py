@@ -142,34 +142,44 @@ def evaluate_main(argv=None) -> int:
         overrides = list(args.overrides)
         if args.root:
             overrides += ["data.dataset=voc", f"data.root={args.root}"]
-        if args.split:
-            overrides.append(f"data.val_split={args.split}")
+        saved = None
+        if args.detections:
+            with open(source) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict) or "detections" not in saved:
+                raise ConfigError(f"{source} is not a detections.json written by fgl-evaluate")
+        split = args.split or (saved or {}).get("split")
+        if split:
+            overrides.append(f"data.val_split={split}")
         config = load_config(str(config_path) if config_path.is_file() else None, overrides)
         validate_paths(config)
     except ConfigError as e:
         print(f"fgl-evaluate: {e}", file=sys.stderr)
         return 2
 
-    from fgl_retinanet.data import DataError, load_split
+    from fgl_retinanet.data import DataError, dataset_root, load_split
 
     split = config.data.val_split
     out = Path(args.out) if args.out else run / f"eval_{split}"
     try:
-        dataset = load_split(_data_root(config), split, config)
+        dataset = load_split(dataset_root(config), split, config)
     except DataError as e:
         print(f"fgl-evaluate: {e}", file=sys.stderr)
         return 1
 
     # One inference pass (or none when re-scoring), then every metric from its detections.
-    if args.detections:
-        with open(source) as f:
-            detections = json.load(f)["detections"]
+    if saved is not None:
+        detections = saved["detections"]
     else:
         detections = _run_inference(config, snapshot, dataset, args.batch_size)
     out.mkdir(parents=True, exist_ok=True)
     from fgl_retinanet.evaluation import write_evaluation
 
-    summary = write_evaluation(out, dataset, detections, config, name=run.name)
+    try:
+        summary = write_evaluation(out, dataset, detections, config, name=run.name)
+    except ValueError as e:
+        print(f"fgl-evaluate: {e}", file=sys.stderr)
+        return 1
     print(f"\n{summary['table']}\n\n{summary['csv_header']}\n{summary['csv_line']}")
     print(f"\noutputs in {out}")
     return 0
@@ -181,18 +191,14 @@ def _locate_run(source: Path) -> tuple[Path, Path]:
         latest = source / "snapshots" / "latest.txt"
         if not latest.is_file():
             raise ConfigError(f"{source} has no snapshots/latest.txt")
-        return source, source / "snapshots" / f"{latest.read_text().strip()}.h5"
+        stem = latest.read_text().strip().removesuffix(".h5")
+        snapshot = source / "snapshots" / f"{stem}.h5"
+        if not snapshot.is_file():
+            raise ConfigError(f"{latest} names {stem}, but {snapshot} is missing")
+        return source, snapshot
     if source.suffix != ".h5":
         raise ConfigError(f"{source} is neither a run directory nor a .h5 snapshot")
     return source.parent.parent, source
-
-
-def _data_root(config) -> Path:
-    if config.data.dataset == "toy":
-        from fgl_retinanet.train import dataset_root
-
-        return dataset_root(config)
-    return resolve_path(config.data.root)
 
 
 def _run_inference(config, snapshot: Path, dataset, batch_size: int) -> dict:

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fgl_retinanet.config import resolve_path
+
 logger = logging.getLogger(__name__)
 
 TOY_CLASSES = ("circle", "square", "triangle")
@@ -220,6 +222,16 @@ class VocDataset:
             ]
             for record in self.records
         }
+
+
+def dataset_root(config) -> Path:
+    """The VOC directory to read; the toy dataset is generated there on first use."""
+    if config.data.dataset == "toy":
+        toy = config.data.toy
+        name = f"toy_{toy.image_size}px_{toy.num_train}_{toy.num_val}_seed{toy.seed}"
+        root = resolve_path(config.data.root or "data/generated") / name
+        return generate_toy_dataset(root, toy.num_train, toy.num_val, toy.image_size, toy.seed)
+    return resolve_path(config.data.root)
 
 
 def load_split(root, split: str, config) -> VocDataset:

@@ -3,17 +3,19 @@
 import contextlib
 import csv
 import io
+import json
 import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from itertools import chain, repeat
 from operator import itemgetter, methodcaller
+from pathlib import Path
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 METRICS = ("area", "11point")
-METRIC_LABELS = {"area": "AP (area)", "11point": "AP (11pt)"}
+METRIC_LABELS = {"area": "AP (area)", "11point": "AP (11pt)", "coco": "AP [.5:.95] (COCO)"}
 
 # Matching rules: the VOC devkit's, or keras-retinanet 1.0.0's (utils/eval.py evaluate()).
 CONVENTIONS = ("voc", "keras-retinanet")
@@ -234,6 +236,90 @@ def coco_average_precision(
         name: mean_defined(precision[:, :, index]) for index, name in enumerate(classes)
     }
     return result
+
+
+def write_evaluation(out, dataset, detections: Mapping, config, name: str) -> dict:
+    """Scores one set of detections every way and writes the evaluation directory.
+
+    Files: ``detections.json`` (re-scorable with ``fgl-evaluate --detections``),
+    ``results.json``, ``per_class.csv``, ``results.md``.
+
+    Args:
+        out: output directory (created).
+        dataset: the parsed split (`fgl_retinanet.data.VocDataset`) the detections belong to.
+        detections: image id -> detections, as `average_precisions` takes them.
+        config: the run's Config (classes and IoU threshold are read).
+        name: label of the evaluated run in the table and the CSV line.
+
+    Returns:
+        ``{"results": ..., "table": markdown, "csv_header": ..., "csv_line": ...}``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = list(dataset.classes)
+    ground_truth = dataset.ground_truth()
+
+    # Detections on images outside the split cannot be scored against it: refuse, loudly.
+    foreign = sorted(set(detections) - set(ground_truth))
+    if foreign:
+        raise ValueError(
+            f"{len(foreign)} detection images are not in split {dataset.split} "
+            f"(e.g. {foreign[:3]}): detections and split do not belong together"
+        )
+
+    # VOC metrics from one matching pass, COCO AP from the same detections.
+    by_metric = average_precisions_all(
+        ground_truth, detections, classes, METRICS, config.eval.iou_threshold
+    )
+    coco = coco_average_precision(ground_truth, detections, classes)
+    columns = dict(by_metric, coco={"per_class": coco["per_class"], "mAP": coco["AP"]})
+    counts = by_metric["area"]["counts"]
+
+    results = {
+        "name": name,
+        "split": dataset.split,
+        "images": len(dataset),
+        "detections": sum(len(found) for found in detections.values()),
+        "mAP": by_metric["area"]["mAP"],
+        "mAP_11point": by_metric["11point"]["mAP"],
+        "coco_AP": coco["AP"],
+        "coco_AP50": coco["AP50"],
+        "coco_AP75": coco["AP75"],
+        "per_class": by_metric["area"]["per_class"],
+        "per_class_11point": by_metric["11point"]["per_class"],
+        "per_class_coco": coco["per_class"],
+        "counts": counts,
+        "undefined": by_metric["area"]["undefined"],
+        "eval": {
+            "iou_threshold": config.eval.iou_threshold,
+            "score_threshold": config.eval.score_threshold,
+            "max_detections": config.eval.max_detections,
+        },
+    }
+    table = per_class_table(columns)
+    header = f"{csv_header()},coco_AP"
+    line = csv_line(name, by_metric) + ("," if coco["AP"] is None else f",{coco['AP']:.3f}")
+
+    # Machines get JSON and CSV, people the Markdown table, both from the same numbers.
+    with open(out / "detections.json", "w") as f:
+        json.dump({"split": dataset.split, "classes": classes, "detections": detections}, f)
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    with open(out / "per_class.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "gt", "difficult", "detections", "ap_area", "ap_11point",
+                         "ap_coco"])  # fmt: skip
+        for cls in classes:
+            aps = [by_metric["area"]["per_class"][cls], by_metric["11point"]["per_class"][cls],
+                   coco["per_class"][cls]]  # fmt: skip
+            writer.writerow(
+                [cls, counts[cls]["gt"], counts[cls]["difficult"], counts[cls]["detections"]]
+                + ["" if ap is None else f"{ap:.6f}" for ap in aps]
+            )
+    (out / "results.md").write_text(
+        f"# {name}: {dataset.split}\n\n{table}\n\n```\n{header}\n{line}\n```\n"
+    )
+    return {"results": results, "table": table, "csv_header": header, "csv_line": line}
 
 
 def per_class_table(

@@ -26,8 +26,8 @@ from keras_retinanet.losses import smooth_l1
 
 from fgl_retinanet import distributed
 from fgl_retinanet.config import Config, resolve_path, save_config
-from fgl_retinanet.data import DataError, generate_toy_dataset, load_split, make_generator
-from fgl_retinanet.evaluation import average_precisions, per_class_table
+from fgl_retinanet.data import DataError, dataset_root, load_split, make_generator
+from fgl_retinanet.evaluation import average_precisions_all, per_class_table
 from fgl_retinanet.losses import build_loss
 from fgl_retinanet.model import (
     build_inference_model,
@@ -43,16 +43,6 @@ METRIC_COLUMNS = (
     "epoch", "loss", "regression_loss", "classification_loss", "lr", "mAP", "global_batch",
     "images_seen", "epoch_seconds",
 )  # fmt: skip
-
-
-def dataset_root(config: Config) -> Path:
-    """The VOC directory to read; the toy dataset is generated there on first use."""
-    if config.data.dataset == "toy":
-        toy = config.data.toy
-        name = f"toy_{toy.image_size}px_{toy.num_train}_{toy.num_val}_seed{toy.seed}"
-        root = resolve_path(config.data.root or "data/generated") / name
-        return generate_toy_dataset(root, toy.num_train, toy.num_val, toy.image_size, toy.seed)
-    return resolve_path(config.data.root)
 
 
 def run_dir(config: Config) -> Path:
@@ -255,13 +245,10 @@ class Evaluator(tf.keras.callbacks.Callback):
     def evaluate(self) -> dict:
         detections = detect(self.inference, self.val_set, self.config)
         ground_truth = self.val_set.ground_truth()
-        by_metric = {
-            metric: average_precisions(
-                ground_truth, detections, self.val_set.classes, metric=metric,
-                iou_threshold=self.config.eval.iou_threshold,
-            )  # fmt: skip
-            for metric in ("area", "11point")
-        }
+        by_metric = average_precisions_all(
+            ground_truth, detections, self.val_set.classes,
+            iou_threshold=self.config.eval.iou_threshold,
+        )  # fmt: skip
         return {
             "mAP": by_metric["area"]["mAP"],
             "per_class": by_metric["area"]["per_class"],

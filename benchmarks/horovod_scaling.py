@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMMON = [
     "--config", "configs/demo_fgl.yaml", "eval.every_epoch=false", "train.lr_scaling=none",
+    # One TF thread per process; batches are built by one loader thread (the default).
     "train.threads=1", "train.workers=1", "train.tensorboard=false",
 ]  # fmt: skip
 
@@ -56,7 +57,9 @@ def main(argv=None) -> int:
     t1 = _steady_epoch_seconds(runs / "one_process")
     t2 = _steady_epoch_seconds(runs / "two_processes")
     steps = _steps(runs / "two_processes")
-    allreduce_ms = json.loads(allreduce.stdout.strip().splitlines()[-1])["allreduce_ms"]
+    # horovodrun prefixes each line with the rank, e.g. "[0]<stdout>:{...}".
+    (line,) = [x for x in allreduce.stdout.splitlines() if '"allreduce_ms"' in x]
+    allreduce_ms = json.loads(line[line.index("{") :])["allreduce_ms"]
     step_ms = 1000 * t2 / steps
     result = {
         "epoch_seconds_1x1": round(t1, 2),
@@ -89,8 +92,8 @@ def _rows(run: Path) -> list[dict]:
 
 
 def _steady_epoch_seconds(run: Path) -> float:
-    # The first epoch traces the graph; the last one is followed by the final evaluation but
-    # its own time excludes it. Use the median of the epochs after the first.
+    # The first epoch traces the graph; epoch_seconds excludes evaluation. Use the median of
+    # the epochs after the first.
     times = sorted(float(row["epoch_seconds"]) for row in _rows(run)[1:])
     return times[len(times) // 2]
 

@@ -41,7 +41,7 @@ logger = logging.getLogger("fgl_retinanet")
 
 METRIC_COLUMNS = (
     "epoch", "loss", "regression_loss", "classification_loss", "lr", "mAP", "global_batch",
-    "images_seen", "epoch_seconds",
+    "images_seen", "epoch_seconds", "eval_seconds",
 )  # fmt: skip
 
 
@@ -235,12 +235,14 @@ class Evaluator(tf.keras.callbacks.Callback):
         # Horovod: batch-norm statistics differ per rank; average them so all ranks (and the
         # snapshot) hold one model, then evaluate it once.
         distributed.average_variables(self.context, _moving_statistics(self.model))
+        started = time.time()
         value = None
         if self.context.is_primary:
             self.last = self.evaluate()
             value = self.last["mAP"]
         # Horovod: the other ranks wait here and receive rank 0's mAP for their callbacks.
         logs["mAP"] = distributed.broadcast_value(self.context, value)
+        logs["eval_seconds"] = time.time() - started
 
     def evaluate(self) -> dict:
         detections = detect(self.inference, self.val_set, self.config)
@@ -300,7 +302,8 @@ class RunRecorder(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        seconds = time.time() - self._epoch_started
+        eval_seconds = logs.pop("eval_seconds", 0.0)
+        seconds = time.time() - self._epoch_started - eval_seconds
         if not self.context.is_primary:
             return
         # Horovod's metric averaging leaves numpy scalars in logs: store plain floats.
@@ -316,6 +319,7 @@ class RunRecorder(tf.keras.callbacks.Callback):
             "global_batch": self.config.train.batch_size * self.context.size,
             "images_seen": self.train_batches.images_per_rank * self.context.size,
             "epoch_seconds": round(seconds, 2),
+            "eval_seconds": round(eval_seconds, 2),
         }
 
         # The snapshot comes first: a metrics row never exists without its snapshot.
@@ -480,7 +484,7 @@ def _read_metrics(path: Path) -> list:
     with open(path) as f:
         return [
             {k: (int(v) if k in ("epoch", "global_batch", "images_seen") else _float(v or None))
-             for k, v in row.items()}
+             for k, v in row.items() if k in METRIC_COLUMNS}
             for row in csv.DictReader(f)
         ]  # fmt: skip
 

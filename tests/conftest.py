@@ -7,8 +7,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-VOC_SAMPLE = SHARED / "data" / "voc2007_sample" / "VOCdevkit" / "VOC2007"
+from shared_paths import VOC_SAMPLE  # noqa: E402 - tests/ is on sys.path under pytest
 
 
 @pytest.fixture(scope="session")

@@ -16,15 +16,9 @@ import pytest
 
 from fgl_retinanet.config import VOC_CLASSES
 from fgl_retinanet.data import TOY_CLASSES, DataError, VocDataset, generate_toy_dataset
+from shared_paths import VOC_SAMPLE
 
-SAMPLE_ROOT = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "voc2007_sample"
-    / "VOCdevkit"
-    / "VOC2007"
-)
+SAMPLE_ROOT = VOC_SAMPLE
 
 # Counts of the trainval list of the sample, read off its XML once by hand.
 SAMPLE_PER_CLASS = {

@@ -20,8 +20,8 @@ from fgl_retinanet.evaluation import (
     csv_line,
     per_class_table,
 )
+from shared_paths import SHARED_DIR
 
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 VECTOR_DIR = SHARED_DIR / "ap_vectors"
 VECTOR_FILES = sorted(VECTOR_DIR.glob("*.json")) if VECTOR_DIR.is_dir() else []
 

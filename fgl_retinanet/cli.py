@@ -125,7 +125,7 @@ def evaluate_main(argv=None) -> int:
     parser.add_argument("--split", help="ImageSets/Main list (default: the run's val split)")
     parser.add_argument("--out", help="output directory (default: RUN/eval_<split>)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.max_detections=50")
+    parser.add_argument("overrides", nargs="*", help="overrides, e.g. eval.max_detections=50")
     args = parser.parse_args(argv)
 
     # Resolve every input before TensorFlow is imported.

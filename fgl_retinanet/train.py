@@ -212,8 +212,9 @@ class LearningRateController(tf.keras.callbacks.Callback):
             self.state["plateau_factor"] *= self.factor
             self.state["wait"] = 0
             logger.info(
-                "loss has not improved for %d epochs: learning rate x %g", self.patience, self.factor
-            )
+                "loss has not improved for %d epochs: learning rate x %g",
+                self.patience, self.factor,
+            )  # fmt: skip
 
 
 class Evaluator(tf.keras.callbacks.Callback):

@@ -74,7 +74,8 @@ def test_resume_continues_from_the_last_snapshot(tmp_path):
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert (run / "snapshots" / "epoch_002.h5").is_file()
     # The optimizer continued: Adam's iteration count after epoch 1 was 2 steps of 8 images.
-    assert "resumed from epoch_001 (epoch 1, optimizer iteration 2," in (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text()
+    assert "resumed from epoch_001 (epoch 1, optimizer iteration 2," in log
 
 
 def test_real_voc_sample_with_resnet50(voc_sample, tmp_path):

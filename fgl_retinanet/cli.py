@@ -63,7 +63,8 @@ def train_main(argv=None) -> int:
     try:
         train(config, resume=Path(args.resume) if args.resume else None)
     except (DataError, FileNotFoundError, RuntimeError) as e:
-        logging.getLogger("fgl_retinanet").error("stopped: %s", e)
+        # train() has already written the reason to the run's log.
+        print(f"fgl-train: {e}", file=sys.stderr)
         return 1
     return 0
 

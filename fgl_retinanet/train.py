@@ -53,7 +53,18 @@ def train(config: Config, resume: Path | None = None) -> dict:
     """Trains one run and returns its results (also written to results.json on rank 0)."""
     context = distributed.init()
     out = Path(resume) if resume else run_dir(config)
-    _setup_logging(context, out)
+    restore_logging = _setup_logging(context, out)
+    try:
+        return _train(config, resume, context, out)
+    except Exception as e:
+        # The reason a run stopped belongs in its log file too, not only on the console.
+        logger.error("stopped: %s: %s", type(e).__name__, e, extra={"file_only": True})
+        raise
+    finally:
+        restore_logging()
+
+
+def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
     threads = distributed.configure_devices(context, config.train.threads)
     # Horovod: the same seed on every rank gives the same initial weights and data order.
     tf.keras.utils.set_random_seed(config.train.seed)
@@ -514,16 +525,25 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def _setup_logging(context, out: Path) -> None:
-    # Rank 0 logs to the console and log.txt; other ranks only to their own file.
+def _setup_logging(context, out: Path):
+    """Rank 0 logs to the console and log.txt; other ranks only to their own file.
+
+    Returns:
+        A function that removes these handlers again (train() may be called repeatedly in one
+        process, e.g. by fgl-demo and the tests).
+    """
     root_logger = logging.getLogger("fgl_retinanet")
+    previous = (root_logger.level, list(root_logger.handlers), root_logger.propagate)
     root_logger.setLevel(logging.INFO)
     root_logger.handlers.clear()
     root_logger.propagate = False
     formatter = logging.Formatter("[%(asctime)s rank %(rank)s] %(message)s", "%H:%M:%S")
     if context.is_primary:
         out.mkdir(parents=True, exist_ok=True)
-        handlers = [logging.StreamHandler(), logging.FileHandler(out / "log.txt")]
+        console = logging.StreamHandler()
+        # The CLI prints the final error itself; the console needs it once.
+        console.addFilter(lambda record: not getattr(record, "file_only", False))
+        handlers = [console, logging.FileHandler(out / "log.txt")]
     else:
         logs = out.parent / f"{out.name}.rank_logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -532,6 +552,15 @@ def _setup_logging(context, out: Path) -> None:
         handler.setFormatter(formatter)
         handler.addFilter(_RankFilter(context.rank))
         root_logger.addHandler(handler)
+
+    def restore():
+        for handler in handlers:
+            handler.close()
+        root_logger.setLevel(previous[0])
+        root_logger.handlers[:] = previous[1]
+        root_logger.propagate = previous[2]
+
+    return restore
 
 
 class _RankFilter(logging.Filter):

@@ -162,3 +162,32 @@ def test_weights_that_do_not_fit_are_refused(tmp_path, capsys):
         f["dense_1"].create_dataset("dense_1/kernel:0", data=[[1.0]])
     assert cli.train_main([*args, f"model.weights={other}"]) == 1
     assert "no layer of the tiny model matches" in capsys.readouterr().err
+
+
+def test_a_failed_run_records_why_in_its_log(tmp_path, capsys):
+    # A data error after the run directory exists: one line on the console, the reason in log.txt,
+    # and logging left as it was for the rest of the process.
+    import logging
+
+    root = tmp_path / "voc"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("a\n")
+    (root / "Annotations" / "a.xml").write_text(
+        "<annotation><object><name>unicorn</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+        "<xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>"
+    )
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(root / "JPEGImages" / "a.jpg"), np.zeros((8, 8, 3), np.uint8))
+    code = cli.train_main(
+        ["--config", "configs/voc2012_fgl.yaml", f"data.root={root}", "model.weights=none",
+         f"train.output_dir={tmp_path}", "train.run_name=bad"]
+    )  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("unicorn") == 1
+    assert "stopped: DataError" in (tmp_path / "bad" / "log.txt").read_text()
+    assert logging.getLogger("fgl_retinanet").propagate

@@ -173,7 +173,7 @@ def test_demo_config_values():
     assert config.model.weights == "none"
     assert config.model.head_width == 64
     assert config.model.anchor_sizes == [16, 32, 64, 128, 256]
-    assert config.train.epochs == 18
+    assert config.train.epochs == 16
     assert config.train.batch_size == 8
     assert config.train.base_lr == 1e-3
     assert config.train.output_dir == "runs/demo"

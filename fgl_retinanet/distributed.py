@@ -128,16 +128,6 @@ def broadcast_value(context: Context, value: float | None) -> float | None:
     return None if math.isnan(received) else received
 
 
-def sum_value(context: Context, value: float) -> float:
-    """Horovod: the sum of a scalar over ranks."""
-    if not context.distributed:
-        return value
-    import tensorflow as tf
-
-    total = context.hvd.allreduce(tf.constant(float(value), tf.float64), op=context.hvd.Sum)
-    return float(total)
-
-
 def barrier(context: Context) -> None:
     """Horovod: wait until every rank reaches this point."""
     broadcast_value(context, 0.0)

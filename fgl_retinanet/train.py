@@ -237,6 +237,8 @@ class Evaluator(tf.keras.callbacks.Callback):
         self.config = config
         self.val_set = val_set
         self.inference = inference
+        # The split does not change between epochs: build its ground truth once.
+        self.ground_truth = val_set.ground_truth()
         self.last = None
 
     def on_epoch_end(self, epoch, logs=None):
@@ -258,9 +260,8 @@ class Evaluator(tf.keras.callbacks.Callback):
 
     def evaluate(self) -> dict:
         detections = detect(self.inference, self.val_set, self.config)
-        ground_truth = self.val_set.ground_truth()
         by_metric = average_precisions_all(
-            ground_truth, detections, self.val_set.classes,
+            self.ground_truth, detections, self.val_set.classes,
             iou_threshold=self.config.eval.iou_threshold,
         )  # fmt: skip
         return {

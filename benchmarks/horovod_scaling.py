@@ -1,12 +1,16 @@
 """Horovod scaling on CPU: 2 processes x 1 thread against 1 process x 1 thread, same global work.
 
-    .venv/bin/python benchmarks/horovod_scaling.py [--epochs 3] [--out benchmarks/results]
+    .venv/bin/python benchmarks/horovod_scaling.py [--epochs 4] [--out benchmarks/results]
 
-Both runs train the demo configuration (tiny backbone, 128 px toy images) for the same number of
-images with global batch 8: one process at batch 8, or two at batch 4 each. The steady-state
+Every run trains the demo configuration (tiny backbone, 128 px toy images) for the same number
+of images with global batch 8: one process at batch 8, or two at batch 4 each. The steady-state
 epoch time (epochs after the first, which includes graph tracing; no evaluation) gives
 
     scaling efficiency = T(1 process) / (2 x T(2 processes))
+
+Two baselines: the single process bound to one core (what "1 x 1 thread" means: the second
+core is what the second rank adds), and unbound, where its loader thread spreads onto the idle
+second core. Two-process runs with and without `train.pin_cpus` show what binding changes.
 
 The all-reduce share is measured separately under horovodrun: the time to average tensors of
 exactly the model's gradient shapes (grouped, as Horovod's tensor fusion does), divided by the
@@ -45,44 +49,48 @@ def main(argv=None) -> int:
     runs = out / "scaling_runs"
     epochs = [f"train.epochs={args.epochs}", f"train.output_dir={runs}"]
 
-    # One process, one thread, batch 8.
-    single = _timed([str(BIN / "fgl-train"), *COMMON, *epochs, "train.batch_size=8",
-                     "train.run_name=one_process"])  # fmt: skip
+    # One process, one thread, batch 8: bound to one core, and free to use both.
+    one_core = {sorted(os.sched_getaffinity(0))[0]}
+    single = [str(BIN / "fgl-train"), *COMMON, *epochs, "train.batch_size=8"]
+    _run([*single, "train.run_name=one_bound"], cores=one_core)
+    _run([*single, "train.run_name=one_unbound"])
     # Two processes, one thread each, batch 4 each: the same 8 images per step.
     hvd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
-    double = _timed([*hvd, str(BIN / "fgl-train"), *COMMON, *epochs, "train.batch_size=4",
-                     "train.run_name=two_processes"])  # fmt: skip
-    allreduce = _timed([*hvd, sys.executable, __file__, "--allreduce-only"], capture=True)
+    double = [*hvd, str(BIN / "fgl-train"), *COMMON, *epochs, "train.batch_size=4"]
+    _run([*double, "train.run_name=two_bound", "train.pin_cpus=true"])
+    _run([*double, "train.run_name=two_unbound", "train.pin_cpus=false"])
+    allreduce = _run([*hvd, sys.executable, __file__, "--allreduce-only"])
 
-    t1 = _steady_epoch_seconds(runs / "one_process")
-    t2 = _steady_epoch_seconds(runs / "two_processes")
-    steps = _steps(runs / "two_processes")
+    seconds = {name: _steady_epoch_seconds(runs / name)
+               for name in ("one_bound", "one_unbound", "two_bound", "two_unbound")}  # fmt: skip
+    steps = _steps(runs / "two_bound")
     # horovodrun prefixes each line with the rank, e.g. "[0]<stdout>:{...}".
     (line,) = [x for x in allreduce.stdout.splitlines() if '"allreduce_ms"' in x]
     allreduce_ms = json.loads(line[line.index("{") :])["allreduce_ms"]
-    step_ms = 1000 * t2 / steps
+    step_ms = 1000 * seconds["two_bound"] / steps
     result = {
-        "epoch_seconds_1x1": round(t1, 2),
-        "epoch_seconds_2x1": round(t2, 2),
-        "scaling_efficiency": round(t1 / (2 * t2), 3),
+        "epoch_seconds": {name: round(t, 2) for name, t in seconds.items()},
+        "scaling_efficiency": {
+            f"{two} vs {one}": round(seconds[one] / (2 * seconds[two]), 3)
+            for one in ("one_bound", "one_unbound") for two in ("two_bound", "two_unbound")
+        },  # fmt: skip
         "steps_per_epoch": steps,
-        "step_ms_2x1": round(step_ms, 1),
+        "step_ms_two_bound": round(step_ms, 1),
         "allreduce_ms_per_step": round(allreduce_ms, 1),
         "allreduce_share": round(allreduce_ms / step_ms, 3),
-        "wall_seconds": {"one": single.wall, "two": double.wall},
         "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
     }
     (out / "horovod_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 
 
-def _timed(command, capture=False):
-    started = time.time()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+def _run(command, cores=None):
+    bind = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, preexec_fn=bind)
     if result.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    result.wall = round(time.time() - started, 1)
     return result
 
 

@@ -89,6 +89,7 @@ class TrainConfig:
     workers: int = 1  # keras data-loading threads; 0 loads batches in the training thread
     tensorboard: bool = True  # write TensorBoard event files
     threads: int = 0  # TensorFlow intra-op threads; 0 lets TensorFlow decide
+    pin_cpus: bool = True  # Horovod on CPU: bind each local rank to its own share of cores
 
 
 @dataclass

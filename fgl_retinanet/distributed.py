@@ -49,27 +49,66 @@ def init() -> Context:
     return Context(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd)
 
 
-def configure_devices(context: Context, threads: int) -> int:
+def configure_devices(context: Context, threads: int, pin_cpus: bool = True) -> tuple[int, list]:
     """Pins one GPU per local rank, or splits the CPU cores between the ranks on this host.
 
+    Args:
+        context: who we are.
+        threads: TensorFlow intra-op threads; 0 lets TensorFlow decide (a single process) or
+            uses this rank's share of the cores (several processes on one host).
+        pin_cpus: on a CPU-only host with several local ranks, bind each rank's threads to its
+            own disjoint share of the cores (Linux only).
+
     Returns:
-        The intra-op thread count set (0 when TensorFlow chooses).
+        The intra-op thread count set (0 when TensorFlow chooses) and the cores this process
+        is bound to (empty when it was not bound).
     """
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
+    cores = []
     if gpus:
         # Horovod: one GPU per process, chosen by local rank; grow memory on demand.
         gpu = gpus[context.local_rank % len(gpus)]
         tf.config.set_visible_devices(gpu, "GPU")
         tf.config.experimental.set_memory_growth(gpu, True)
-    elif threads == 0 and context.local_size > 1:
-        # Horovod: N processes each using every core would oversubscribe the CPU.
-        threads = max(1, (os.cpu_count() or 1) // context.local_size)
+    elif context.local_size > 1:
+        # Horovod: N processes each using every core would oversubscribe the CPU, and even with
+        # one TF thread each, the loader, Horovod and Gloo threads of one rank would migrate
+        # onto the other ranks' cores. Binding each rank to its own cores keeps them apart.
+        if pin_cpus:
+            cores = _bind_to_core_share(context.local_rank, context.local_size)
+        if threads == 0:
+            threads = len(cores) or max(1, (os.cpu_count() or 1) // context.local_size)
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
-    return threads
+    return threads, cores
+
+
+def _bind_to_core_share(local_rank: int, local_size: int) -> list:
+    """Binds every thread of this process to the local rank's share of the allowed cores.
+
+    Returns:
+        The cores bound to, or [] when binding is unavailable or there are fewer cores than
+        ranks (then the OS shares the cores as before).
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return []
+    allowed = sorted(os.sched_getaffinity(0))
+    share = len(allowed) // local_size
+    if share == 0:
+        return []
+    cores = set(allowed[local_rank * share : (local_rank + 1) * share])
+    # NOTE: sched_setaffinity(0) binds only the calling thread; Horovod's background loop and
+    # Gloo's threads already exist, so bind every thread of the process. Threads created later
+    # (TensorFlow's pools, the loader) inherit the binding from their creator.
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # the thread ended between listing and binding
+            pass
+    return sorted(cores)
 
 
 def wrap_optimizer(context: Context, optimizer):

@@ -65,12 +65,14 @@ def train(config: Config, resume: Path | None = None) -> dict:
 
 
 def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
-    threads = distributed.configure_devices(context, config.train.threads)
+    threads, cores = distributed.configure_devices(
+        context, config.train.threads, config.train.pin_cpus
+    )
     # Horovod: the same seed on every rank gives the same initial weights and data order.
     tf.keras.utils.set_random_seed(config.train.seed)
     logger.info(
-        "process %d of %d (pid %d, %s threads)", context.rank, context.size, os.getpid(),
-        threads or "default",
+        "process %d of %d (pid %d, %s threads%s)", context.rank, context.size, os.getpid(),
+        threads or "default", f", bound to cores {cores}" if cores else "",
     )  # fmt: skip
 
     # Data: rank 0 generates the toy dataset if needed while the others wait; then every rank

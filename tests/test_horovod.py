@@ -73,6 +73,18 @@ def test_only_rank_zero_writes_the_run_directory(two_rank_run):
     assert "rank 1" not in (two_rank_run / "demo_fgl" / "log.txt").read_text()
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to split")
+def test_ranks_are_bound_to_disjoint_cores(two_rank_run):
+    # Each rank logs the cores it bound itself to; together they must not overlap.
+    logs = [two_rank_run / "demo_fgl" / "log.txt", two_rank_run / "demo_fgl.rank_logs/rank1.txt"]
+    bound = []
+    for log in logs:
+        (cores,) = re.findall(r"bound to cores \[([0-9, ]+)\]", log.read_text())
+        bound.append({int(c) for c in cores.split(",")})
+    assert bound[0] and bound[1] and not bound[0] & bound[1]
+    assert bound[0] | bound[1] <= set(os.sched_getaffinity(0))
+
+
 def test_one_and_two_ranks_share_budget_and_schedule(two_rank_run, tmp_path):
     # Same global batch (1 x 8 vs 2 x 4) and seed: same images per epoch and learning rates.
     from fgl_retinanet import cli
@@ -124,3 +136,29 @@ def test_killed_worker_fails_fast_and_resume_completes(tmp_path):
     assert [row["epoch"] for row in metrics(run)] == ["1", "2", "3"]
     assert "resumed from epoch_00" in (run / "log.txt").read_text()
     assert checksum(run / "log.txt") == checksum(tmp_path / "demo_fgl.rank_logs" / "rank1.txt")
+
+
+def test_core_binding_covers_threads_started_before_it():
+    # A thread that exists before the binding (like Horovod's background loop) is bound too,
+    # and a thread started afterwards inherits it. Runs in a child: binding is per process.
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two cores to split")
+    script = """
+import json, os, threading
+from fgl_retinanet.distributed import _bind_to_core_share
+stop = threading.Event()
+early = threading.Thread(target=stop.wait)
+early.start()
+cores = _bind_to_core_share(local_rank=1, local_size=2)
+late = threading.Thread(target=stop.wait)
+late.start()
+print(json.dumps([cores, *(sorted(os.sched_getaffinity(t.native_id)) for t in (early, late))]))
+stop.set()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    share = len(allowed) // 2
+    second_half = allowed[share : 2 * share]
+    assert json.loads(result.stdout) == [second_half, second_half, second_half]

@@ -56,11 +56,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed passes over the 13 images")
     parser.add_argument("--json", help="write the numbers here")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="also time our batches built by this many threads, unpinned (images/s)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     # One core, one OpenCV thread: a per-core figure.
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    all_cores = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
+    if all_cores:
+        os.sched_setaffinity(0, {sorted(all_cores)[0]})
     cv2.setNumThreads(1)
 
     root = str(VOC_SAMPLE)
@@ -123,11 +128,26 @@ def main(argv=None) -> int:
     for name, values in times.items():
         print(f"| {name} | {medians[name]:.1f} | {min(values):.1f} | {max(values):.1f} |")
     print(f"speed-up {ratio:.2f}x per core; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    results = {"ms_per_image": times, "median": medians, "ratio": ratio, "loadavg": load}
+
+    # Threads as training's loader uses them (train.workers): every core, same batches.
+    if args.threads:
+        import concurrent.futures
+
+        if all_cores:
+            os.sched_setaffinity(0, all_cores)
+        work = [index for _ in range(args.rounds) for index in range(count)]
+        transforms = [ours.next_transform() for _ in work]
+        for threads in sorted({1, args.threads}):
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                started = time.perf_counter()
+                list(pool.map(lambda job: ours.build_batch([job[0]], [job[1]]),
+                              zip(work, transforms)))  # fmt: skip
+                rate = len(work) / (time.perf_counter() - started)
+            results[f"images_per_second_{threads}_threads"] = rate
+            print(f"ours, {threads} thread(s), {len(all_cores or [0])} cores: {rate:.1f} images/s")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"ms_per_image": times, "median": medians, "ratio": ratio,
-                        "loadavg": load}, indent=2)  # fmt: skip
-        )
+        Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 

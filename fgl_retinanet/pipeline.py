@@ -348,12 +348,13 @@ class AnchorSet:
     Attributes:
         count: number of anchors.
         x1, y1, x2, y2, widths, heights, areas, centre_x, centre_y: (anchors,) float64.
-        levels: per pyramid level (first anchor index, anchors per row of locations,
-            smallest y1 per row (rows,), largest y2 per row (rows,)).
+        levels: per pyramid level: its slice of the anchors, its (rows, columns, anchors)
+            shape, the smallest y1 and largest y2 per row of locations, the smallest x1 and
+            largest x2 per column, and (rows, columns, anchors) views of x1, y1, x2, y2, areas.
     """
 
     def __init__(self, image_shape, params: AnchorParameters):
-        grids, self.levels, start = [], [], 0
+        grids, bounds, start = [], [], 0
         for level, shape in enumerate(guess_shapes(image_shape, PYRAMID_LEVELS)):
             rows, columns = int(shape[0]), int(shape[1])
             base = generate_anchors(params.sizes[level], params.ratios, params.scales)
@@ -363,13 +364,14 @@ class AnchorSet:
             grid = np.empty((rows, columns, len(base), 4))
             grid[..., 0::2] = base[:, 0::2] + shift_x[None, :, None, None]
             grid[..., 1::2] = base[:, 1::2] + shift_y[:, None, None, None]
-            row_length = columns * len(base)
-            self.levels.append(
-                (start, row_length, grid[..., 1].reshape(rows, -1).min(axis=1),
-                 grid[..., 3].reshape(rows, -1).max(axis=1))
+            # The extent of each row and column of locations, increasing along the grid.
+            bounds.append(
+                (start, (rows, columns, len(base)),
+                 grid[..., 1].min(axis=(1, 2)), grid[..., 3].max(axis=(1, 2)),
+                 grid[..., 0].min(axis=(0, 2)), grid[..., 2].max(axis=(0, 2)))
             )  # fmt: skip
             grids.append(grid.reshape(-1, 4))
-            start += rows * row_length
+            start += grid.size // 4
         anchors = np.concatenate(grids)
         self.count = len(anchors)
         self.x1, self.y1, self.x2, self.y2 = (np.ascontiguousarray(c) for c in anchors.T)
@@ -378,6 +380,21 @@ class AnchorSet:
         self.areas = self.widths * self.heights
         self.centre_x = (self.x1 + self.x2) / 2
         self.centre_y = (self.y1 + self.y2) / 2
+        self.levels = [
+            (part, shape, *extents, *(self._grid(a, part, shape) for a in self._columns()))
+            for part, shape, *extents in (
+                (slice(begin, begin + int(np.prod(shape))), shape, *rest)
+                for begin, shape, *rest in bounds
+            )
+        ]
+
+    def _columns(self) -> tuple:
+        return self.x1, self.y1, self.x2, self.y2, self.areas
+
+    @staticmethod
+    def _grid(values: np.ndarray, part: slice, shape: tuple) -> np.ndarray:
+        # A (rows, columns, anchors) view of one level's anchors.
+        return values[part].reshape(shape)
 
     def anchors(self) -> np.ndarray:
         """(anchors, 4) x1, y1, x2, y2 float64."""
@@ -386,9 +403,9 @@ class AnchorSet:
     def overlaps(self, boxes: np.ndarray):
         """Every anchor's best IoU and its box, as keras-retinanet's compute_overlap and argmax.
 
-        Only rows of anchor locations whose vertical extent meets a box are computed; the rest
-        cannot overlap it. A later box replaces an earlier one only when strictly better, so
-        ties go to the first box, as with argmax.
+        Per box and pyramid level, only the window of anchor locations whose extent meets the
+        box is computed; anchors outside it cannot overlap the box. A later box replaces an
+        earlier one only when strictly better, so ties go to the first box, as with argmax.
 
         Args:
             boxes: (boxes, 4) x1, y1, x2, y2 float64.
@@ -401,21 +418,29 @@ class AnchorSet:
         nearest = np.zeros(self.count, dtype=np.int64)
         for k, (bx1, by1, bx2, by2) in enumerate(np.asarray(boxes, dtype=np.float64)):
             box_area = (bx2 - bx1) * (by2 - by1)
-            for start, row_length, row_min_y1, row_max_y2 in self.levels:
-                first = int(np.searchsorted(row_max_y2, by1, side="right"))
-                last = int(np.searchsorted(row_min_y1, by2, side="left"))
-                if first >= last:
+            for level in self.levels:
+                part, shape, row_y1, row_y2, column_x1, column_x2, x1, y1, x2, y2, areas = level
+                rows = slice(
+                    int(np.searchsorted(row_y2, by1, side="right")),
+                    int(np.searchsorted(row_y1, by2, side="left")),
+                )
+                columns = slice(
+                    int(np.searchsorted(column_x2, bx1, side="right")),
+                    int(np.searchsorted(column_x1, bx2, side="left")),
+                )
+                if rows.start >= rows.stop or columns.start >= columns.stop:
                     continue
-                part = slice(start + first * row_length, start + last * row_length)
-                iw = np.minimum(self.x2[part], bx2) - np.maximum(self.x1[part], bx1)
-                ih = np.minimum(self.y2[part], by2) - np.maximum(self.y1[part], by1)
+                window = (rows, columns)
+                iw = np.minimum(x2[window], bx2) - np.maximum(x1[window], bx1)
+                ih = np.minimum(y2[window], by2) - np.maximum(y1[window], by1)
                 inter = iw * ih
-                union = self.areas[part] + box_area - inter
+                union = areas[window] + box_area - inter
                 # Same operations in the same order as compute_overlap, so the same bits.
                 iou = np.divide(inter, union, out=np.zeros_like(inter), where=(iw > 0) & (ih > 0))
-                better = np.flatnonzero(iou > best[part]) + part.start
-                best[better] = iou[better - part.start]
-                nearest[better] = k
+                level_best = best[part].reshape(shape)[window]
+                better = iou > level_best
+                level_best[better] = iou[better]
+                nearest[part].reshape(shape)[window][better] = k
         return best, nearest
 
     def regression_targets(self, boxes: np.ndarray, nearest: np.ndarray, out: np.ndarray):
@@ -426,7 +451,7 @@ class AnchorSet:
             nearest: (anchors,) index of each anchor's best-overlapping box.
             out: (anchors, 4) float32, written.
         """
-        buffer = np.empty((self.count, 4))
+        buffer = np.empty(self.count)
         others = np.flatnonzero(nearest)
         columns = (
             (self.x1, self.widths), (self.y1, self.heights),
@@ -435,14 +460,13 @@ class AnchorSet:
         for column, (corner, size) in enumerate(columns):
             # ((box - anchor) / anchor size - mean 0) / std, in float64 like bbox_transform;
             # most anchors have box 0 as nearest (no overlap at all), the rest are redone.
-            target = buffer[:, column]
-            np.subtract(boxes[0, column], corner, out=target)
-            np.divide(target, size, out=target)
-            np.divide(target, REGRESSION_STD, out=target)
+            np.subtract(boxes[0, column], corner, out=buffer)
+            np.divide(buffer, size, out=buffer)
+            np.divide(buffer, REGRESSION_STD, out=buffer)
             if len(others):
                 part = boxes[nearest[others], column] - corner[others]
-                target[others] = part / size[others] / REGRESSION_STD
-        out[...] = buffer
+                buffer[others] = part / size[others] / REGRESSION_STD
+            out[:, column] = buffer
 
 
 class AnchorCache:

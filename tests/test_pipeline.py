@@ -294,3 +294,19 @@ def test_image_without_objects_trains_and_evaluates(voc_sample, tmp_path):
     )
     assert alone["per_class"]["dog"] == pytest.approx(1.0)
     assert with_empty["per_class"]["dog"] == pytest.approx(0.5)
+
+
+def test_training_boxes_are_the_evaluation_ground_truth(voc_sample):
+    # One 1-based to 0-based shift, shared: the generator's boxes are the evaluation's boxes.
+    dataset = VocDataset(voc_sample, "trainval", VOC_CLASSES)
+    ours = VocSequence(dataset, _config(), training=False)
+    ground_truth = dataset.ground_truth()
+    for index, record in enumerate(dataset.records):
+        annotations = ours.load_annotations(index)
+        expected = [entry["box"] for entry in ground_truth[record.image_id]]
+        np.testing.assert_array_equal(annotations["bboxes"], np.array(expected).reshape(-1, 4))
+        assert [VOC_CLASSES[int(label)] for label in annotations["labels"]] == [
+            entry["label"] for entry in ground_truth[record.image_id]
+        ]
+    # 000001's dog is <xmin>48 ... in the XML.
+    assert ground_truth["000001"][0]["box"] == [47.0, 239.0, 194.0, 370.0]

@@ -446,9 +446,8 @@ def test_error_lists_every_offender(tmp_path):
 
 def test_policy_errors_recorded_without_raising(tmp_path):
     objects = [object_xml("zebra", [1, 1, 9, 9]), object_xml("dog", [20, 5, 10, 30])]
-    root = write_voc(
-        tmp_path, {"a": annotation_xml(*objects), "b": annotation_xml(object_xml("dog", [1, 1, 9, 9]))}
-    )
+    other = annotation_xml(object_xml("dog", [1, 1, 9, 9]))
+    root = write_voc(tmp_path, {"a": annotation_xml(*objects), "b": other})
     dataset = VocDataset(root, "train", VOC_CLASSES, raise_errors=False)
     report = dataset.report
     assert not report.can_train and len(report.errors) == 2
@@ -478,8 +477,11 @@ def test_data_report_json(tmp_path):
     split = loaded["splits"]["train"]
     assert (split["images"], split["objects"], split["clipped_boxes"]) == (1, 1, 1)
     assert split["missing_annotations"] == 1
-    assert split["problems"] == [[str(root / "Annotations" / "gone.xml"), "listed in the split but missing"]]
-    assert split["notes"] == [[str(root / "Annotations" / "a.xml"), "object 0 (dog) clipped to the image border"]]
+    annotations = root / "Annotations"
+    assert split["problems"] == [[str(annotations / "gone.xml"), "listed in the split but missing"]]
+    assert split["notes"] == [
+        [str(annotations / "a.xml"), "object 0 (dog) clipped to the image border"]
+    ]
     assert split["per_class"]["dog"] == 1 and split["split"] == "train"
 
 

@@ -478,7 +478,8 @@ def _epoch_stream(batches, initial_epoch: int, config: Config, num_classes: int)
 
 def _load_split(root: Path, split: str, config: Config) -> "VocDataset":
     dataset = load_split(root, split, config)
-    logger.info("%s/%s: %s", root.name, split, dataset.report.summary())
+    # The fgl-check-data summary (it names root and split); all of it in data_report.json.
+    logger.info("%s", dataset.report.summary())
     return dataset
 
 

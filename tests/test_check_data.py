@@ -113,3 +113,7 @@ def test_training_writes_the_same_report(tmp_path, capsys):
     assert written == json.loads(checked.read_text())
     assert set(written["splits"]) == {"train", "val"}
     assert written["splits"]["train"]["images"] == 8 and written["can_train"] is True
+    # ...and the log carries the same summary.
+    log = (tmp_path / "runs" / "demo_focal" / "log.txt").read_text()
+    assert "/train: 8 images" in log and "/val: 4 images" in log
+    assert "objects per class: circle" in log and "training can proceed" in log

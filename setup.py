@@ -24,6 +24,7 @@ setup(
             "fgl-train=fgl_retinanet.cli:train_main",
             "fgl-demo=fgl_retinanet.cli:demo_main",
             "fgl-evaluate=fgl_retinanet.cli:evaluate_main",
+            "fgl-check-data=fgl_retinanet.cli:check_data_main",
         ]
     },
 )

@@ -5,6 +5,7 @@
     fgl-demo --out runs/demo
     fgl-evaluate runs/voc2012_fgl --root data/VOCdevkit/VOC2012 --split val
     fgl-evaluate --detections runs/voc2012_fgl/eval_val/detections.json --root ... --split val
+    fgl-check-data --root data/VOCdevkit/VOC2012 --split trainval --json data_report.json
 """
 
 import argparse
@@ -184,6 +185,57 @@ def evaluate_main(argv=None) -> int:
     print(f"\n{summary['table']}\n\n{summary['csv_header']}\n{summary['csv_line']}")
     print(f"\noutputs in {out}")
     return 0
+
+
+def check_data_main(argv=None) -> int:
+    """Validates VOC splits as training does, without TensorFlow; 1 if training would stop."""
+    parser = argparse.ArgumentParser(
+        prog="fgl-check-data",
+        description="Validate a VOC-layout dataset as training would, without TensorFlow.",
+    )
+    parser.add_argument("--root", help="VOC directory (default: the config's data.root)")
+    parser.add_argument(
+        "--split", action="append",
+        help="ImageSets/Main list to check; repeatable (default: the config's train and val "
+        "splits)",
+    )  # fmt: skip
+    parser.add_argument("--config", help="YAML config whose data.* keys apply (classes, policies)")
+    parser.add_argument("--json", help="also write the report here as JSON")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.bad_boxes=skip")
+    args = parser.parse_args(argv)
+
+    try:
+        overrides = list(args.overrides)
+        if args.root:
+            overrides += ["data.dataset=voc", f"data.root={args.root}"]
+        config = load_config(args.config, overrides)
+        if config.data.dataset == "voc" and not config.data.root:
+            raise ConfigError("give --root VOC_DIR (or a config with data.root)")
+    except ConfigError as e:
+        print(f"fgl-check-data: {e}", file=sys.stderr)
+        return 2
+
+    from fgl_retinanet.data import dataset_root, load_split, write_data_report
+
+    root = dataset_root(config)
+    splits = args.split or list(dict.fromkeys([config.data.train_split, config.data.val_split]))
+    reports = {}
+    for split in splits:
+        list_path = root / "ImageSets" / "Main" / f"{split}.txt"
+        if not list_path.is_file():
+            print(f"fgl-check-data: split list {list_path} not found", file=sys.stderr)
+            return 2
+        started = time.time()
+        reports[split] = load_split(root, split, config, raise_errors=False).report
+        print(f"{reports[split].summary(limit=None)}\n({time.time() - started:.1f} s)\n")
+
+    can_train = all(report.can_train for report in reports.values())
+    if args.json:
+        write_data_report(args.json, reports)
+        print(f"JSON report: {args.json}")
+    verdict = "training can proceed" if can_train else "training cannot proceed (see above)"
+    print(f"{len(reports)} split(s) checked: {verdict}")
+    return 0 if can_train else 1
 
 
 def _locate_run(source: Path) -> tuple[Path, Path]:

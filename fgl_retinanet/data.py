@@ -5,8 +5,10 @@ imported only when a training generator is built.
 """
 
 import dataclasses
+import json
 import logging
 import math
+import textwrap
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,15 @@ TOY_CLASSES = ("circle", "square", "triangle")
 
 
 class DataError(ValueError):
-    """A dataset problem that stops training before it starts."""
+    """A dataset problem that stops training before it starts.
+
+    Attributes:
+        report: the DataReport of the split, every problem included (None if not parsed).
+    """
+
+    def __init__(self, message: str, report: "DataReport | None" = None):
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -38,12 +48,15 @@ class ImageRecord:
     labels: np.ndarray  # (objects,) int class index
     difficult: np.ndarray  # (objects,) bool
     truncated: np.ndarray  # (objects,) bool
+    poses: tuple = ()  # (objects,) str; a missing or empty <pose> is "Unspecified"
 
 
 @dataclass
 class DataReport:
     """What parsing found: counts and every problem, so nothing is dropped silently."""
 
+    root: str = ""
+    split: str = ""
     images: int = 0
     objects: int = 0
     per_class: dict = field(default_factory=dict)
@@ -51,37 +64,86 @@ class DataReport:
     truncated: int = 0
     problems: list = field(default_factory=list)  # (file, message): images or objects left out
     notes: list = field(default_factory=list)  # (file, message): fixed, e.g. boxes clipped
+    errors: list = field(default_factory=list)  # policy violations that stop training
     skipped_objects: int = 0  # named outside the class list, skipped by policy
     unknown_names: dict = field(default_factory=dict)  # unknown class name -> object count
-    bad_boxes: int = 0  # no box, or nothing left inside the image, skipped by policy
+    bad_boxes: int = 0  # no box, several boxes, or nothing left inside the image
     clipped_boxes: int = 0  # crossing the image border, clipped (kept)
     size_mismatches: int = 0  # <size> disagrees with the image file; the file wins
     unreadable_images: int = 0  # listed but missing or not decodable, left out
+    missing_annotations: int = 0  # listed in the split without an XML file, left out
+    malformed_annotations: int = 0  # XML that does not parse, left out
 
-    def summary(self) -> str:
+    @property
+    def can_train(self) -> bool:
+        """Whether the configured policies let training start on this split."""
+        return not self.errors
+
+    def summary(self, limit: int | None = 20) -> str:
+        """A readable report: counts, objects per class, problems and notes, the verdict.
+
+        Args:
+            limit: problems and notes listed at most (None: all of them).
+        """
+        name = f"{Path(self.root).name}/{self.split}: " if self.split else ""
         lines = [
-            f"{self.images} images, {self.objects} objects "
+            f"{name}{self.images} images, {self.objects} objects "
             f"({self.difficult} difficult, {self.truncated} truncated)"
         ]
+        if self.per_class:
+            counts = ", ".join(f"{name} {count}" for name, count in self.per_class.items())
+            lines += textwrap.wrap(
+                f"objects per class: {counts}", width=100, subsequent_indent="  "
+            )
         counts = {
             "objects with unknown class names skipped": self.skipped_objects,
             "objects without a usable box skipped": self.bad_boxes,
             "boxes crossing the border clipped": self.clipped_boxes,
             "images whose <size> disagrees with the file": self.size_mismatches,
             "images missing or unreadable, left out": self.unreadable_images,
+            "listed ids without an annotation file, left out": self.missing_annotations,
+            "malformed annotation files, left out": self.malformed_annotations,
         }
         lines += [f"{count} {what}" for what, count in counts.items() if count]
         if self.unknown_names:
             names = ", ".join(f"{n!r} x{c}" for n, c in sorted(self.unknown_names.items()))
             lines.append(f"unknown class names: {names}")
-        for path, message in (self.problems + self.notes)[:20]:
-            lines.append(f"  {path}: {message}")
-        if len(self.problems) + len(self.notes) > 20:
-            lines.append(f"  ... and {len(self.problems) + len(self.notes) - 20} more")
+        for title, items in (("problems", self.problems), ("notes", self.notes)):
+            if not items:
+                continue
+            lines.append(f"{title} ({len(items)}):")
+            shown = items if limit is None else items[:limit]
+            lines += [f"  {path}: {message}" for path, message in shown]
+            if len(shown) < len(items):
+                lines.append(f"  ... and {len(items) - len(shown)} more (all in the JSON report)")
+        if self.errors:
+            lines.append("training cannot proceed:")
+            lines += [f"  {error}" for error in self.errors]
+        else:
+            lines.append("training can proceed")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"can_train": self.can_train}
+
+
+def write_data_report(path, reports: dict) -> dict:
+    """Writes the reports of several splits as one JSON file.
+
+    Args:
+        path: output file.
+        reports: split name -> DataReport.
+
+    Returns:
+        What was written: {"can_train": bool, "splits": {split: report dict}}.
+    """
+    content = {
+        "can_train": all(report.can_train for report in reports.values()),
+        "splits": {split: report.to_dict() for split, report in reports.items()},
+    }
+    text = json.dumps(content, indent=2)
+    Path(path).write_text(text + "\n")
+    return json.loads(text)
 
 
 class VocDataset:
@@ -96,17 +158,27 @@ class VocDataset:
         classes: class names; the label of a class is its index here.
         unknown_classes: objects named outside `classes`: "error" stops with one message naming
             every offending file and name; "skip" leaves them out and counts them.
-        bad_boxes: objects with no usable box (missing, x2 <= x1 or y2 <= y1 after clipping to
-            the image): "error" or "skip", as above.
+        bad_boxes: objects with no usable box (missing, several, x2 <= x1 or y2 <= y1 after
+            clipping to the image): "error" or "skip", as above.
+        raise_errors: raise DataError when a policy says error; False records the errors in
+            `report.errors` instead (what fgl-check-data uses to report everything).
     """
 
     def __init__(
-        self, root, split: str, classes, unknown_classes: str = "error", bad_boxes: str = "error"
+        self,
+        root,
+        split: str,
+        classes,
+        unknown_classes: str = "error",
+        bad_boxes: str = "error",
+        raise_errors: bool = True,
     ):
         self.root = Path(root)
         self.split = split
         self.classes = list(classes)
-        self.report = DataReport(per_class={name: 0 for name in self.classes})
+        self.report = DataReport(
+            root=str(self.root), split=split, per_class={name: 0 for name in self.classes}
+        )
 
         # Read the split list; a VOC line may carry a second column (per-class lists).
         list_path = self.root / "ImageSets" / "Main" / f"{split}.txt"
@@ -133,11 +205,12 @@ class VocDataset:
                 _offenders(f"objects in {split} without a usable box", bad)
                 + " (set data.bad_boxes=skip to skip them)"
             )
-        if errors:
-            raise DataError("; ".join(errors))
         self.report.skipped_objects = len(unknown)
         self.report.bad_boxes = len(bad)
         self.report.problems += [(path, f"skipped object: {what}") for path, what in unknown + bad]
+        self.report.errors = errors
+        if errors and raise_errors:
+            raise DataError("; ".join(errors), self.report)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -146,11 +219,13 @@ class VocDataset:
         xml_path = self.root / "Annotations" / f"{image_id}.xml"
         image_path = self.root / "JPEGImages" / f"{image_id}.jpg"
         if not xml_path.is_file():
+            self.report.missing_annotations += 1
             self.report.problems.append((str(xml_path), "listed in the split but missing"))
             return None
         try:
             root = ET.parse(xml_path).getroot()
         except ET.ParseError as e:
+            self.report.malformed_annotations += 1
             self.report.problems.append((str(xml_path), f"malformed XML: {e}"))
             return None
 
@@ -170,7 +245,7 @@ class VocDataset:
                  f"{width}x{height}; boxes are clipped to the image")
             )  # fmt: skip
 
-        boxes, labels, difficult, truncated = [], [], [], []
+        boxes, labels, difficult, truncated, poses = [], [], [], [], []
         # Only direct <object> children: <part> sub-boxes of person layout are not objects.
         for index, obj in enumerate(root.findall("object")):
             name = (obj.findtext("name") or "").strip()
@@ -197,6 +272,7 @@ class VocDataset:
             labels.append(self.classes.index(name))
             difficult.append(_int_text(obj.find("difficult")) == 1)
             truncated.append(_int_text(obj.find("truncated")) == 1)
+            poses.append((obj.findtext("pose") or "").strip() or "Unspecified")
             self.report.per_class[name] += 1
 
         self.report.objects += len(boxes)
@@ -211,6 +287,7 @@ class VocDataset:
             labels=np.array(labels, dtype=np.int64),
             difficult=np.array(difficult, dtype=bool),
             truncated=np.array(truncated, dtype=bool),
+            poses=tuple(poses),
         )
 
     def ground_truth(self) -> dict:
@@ -234,16 +311,25 @@ def dataset_root(config) -> Path:
     return resolve_path(config.data.root)
 
 
-def load_split(root, split: str, config) -> VocDataset:
-    """A split parsed with the policies of `config.data`."""
+def load_split(root, split: str, config, raise_errors: bool = True) -> VocDataset:
+    """A split parsed with the policies of `config.data` (see VocDataset)."""
     return VocDataset(
-        root, split, config.data.classes, config.data.unknown_classes, config.data.bad_boxes
+        root,
+        split,
+        config.data.classes,
+        config.data.unknown_classes,
+        config.data.bad_boxes,
+        raise_errors=raise_errors,
     )
 
 
 def read_image_bgr(path: Path) -> np.ndarray:
-    """Reads an image as uint8 BGR (the channel order keras-retinanet's preprocessing expects)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """Reads an image as uint8 BGR (the channel order keras-retinanet's preprocessing expects).
+
+    The EXIF orientation tag is ignored, as keras-retinanet's PIL reader and the VOC devkit
+    do: annotations refer to the stored pixels, whose size the header check recorded.
+    """
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise DataError(f"cannot read image {path}")
     return image
@@ -364,8 +450,9 @@ def _voc_xml(image_id: str, width: int, height: int, objects) -> str:
 
 
 def _offenders(what: str, items: list) -> str:
-    listed = ", ".join(f"{path}: {detail}" for path, detail in items[:50])
-    return f"{len(items)} {what}: {listed}{' ...' if len(items) > 50 else ''}"
+    # Every offender, so that one run of the check finds them all.
+    listed = ", ".join(f"{path}: {detail}" for path, detail in items)
+    return f"{len(items)} {what}: {listed}"
 
 
 def _clip(box: list, width: int, height: int) -> list:

@@ -1,30 +1,51 @@
 """Training input pipeline: keras-retinanet's Generator over a parsed VocDataset.
 
-keras-retinanet supplies resizing, augmentation transforms and anchor targets; this subclass
-supplies the data (already validated by fgl_retinanet.data), a deterministic per-epoch order
-that can be sharded across processes, border clipping instead of dropping, and partial batches
-so one epoch is exactly one pass over the list.
+keras-retinanet supplies the resize rule, augmentation transforms and the anchor layout; this
+subclass supplies the data (already validated by fgl_retinanet.data), a deterministic per-epoch
+order that can be sharded across processes, border clipping instead of dropping, and partial
+batches so one epoch is exactly one pass over the list.
+
+The per-image work is keras-retinanet's arithmetic without its overheads, and produces the
+same inputs and targets bit for bit (tests/test_pipeline.py compares them): anchors are cached
+per feature-map shape, a plain flip is array slicing instead of warpAffine, caffe
+normalisation is a 256-entry lookup table, and anchor-box overlaps are computed only for the
+anchor rows that can touch a box (keras-retinanet's compute_overlap calls into Python once per
+overlapping pair). Any other transform takes keras-retinanet's own path.
 """
 
+import collections
 import logging
+import threading
 
+import cv2
 import numpy as np
 from keras_retinanet.preprocessing.generator import Generator
 from keras_retinanet.utils.anchors import (
     AnchorParameters,
     anchor_targets_bbox,
-    anchors_for_shape,
     compute_gt_annotations,
+    generate_anchors,
     guess_shapes,
 )
-from keras_retinanet.utils.image import adjust_transform_for_image, preprocess_image
-from keras_retinanet.utils.transform import random_transform_generator
+from keras_retinanet.utils.image import (
+    adjust_transform_for_image,
+    apply_transform,
+    preprocess_image,
+)
+from keras_retinanet.utils.transform import random_transform_generator, transform_aabb
 
 from fgl_retinanet.data import DataError, VocDataset, read_image_bgr
 
 logger = logging.getLogger(__name__)
 
 ANCHOR_STRIDES = (8, 16, 32, 64, 128)
+PYRAMID_LEVELS = (3, 4, 5, 6, 7)
+# keras-retinanet's caffe-mode means (BGR) and its box regression normalisation.
+CAFFE_MEANS = [103.939, 116.779, 123.68]
+REGRESSION_STD = 0.2
+# keras-retinanet's IoU thresholds: >= 0.5 positive, (0.4, 0.5) ignored, the rest background.
+POSITIVE_OVERLAP = 0.5
+NEGATIVE_OVERLAP = 0.4
 
 
 def anchor_parameters(sizes) -> AnchorParameters:
@@ -41,9 +62,22 @@ class VocSequence(Generator):
         config: the run's Config (data, model and train sections are read).
         training: shuffle each epoch and augment; otherwise fixed order, no augmentation.
         rank, world: this process's share of every epoch under Horovod.
+        transform_generator: any keras-retinanet transform generator (rotation, shear, scaling,
+            translation, flips); None builds the horizontal flips of `data.flip_chance`.
+        anchor_cache_size: anchor sets kept, one per feature-map shape (about 12 MiB each at
+            800 x 1333).
     """
 
-    def __init__(self, dataset: VocDataset, config, training: bool, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        dataset: VocDataset,
+        config,
+        training: bool,
+        rank: int = 0,
+        world: int = 1,
+        transform_generator=None,
+        anchor_cache_size: int = 8,
+    ):
         self.dataset = dataset
         self.training = training
         self.rank = rank
@@ -55,9 +89,14 @@ class VocSequence(Generator):
         # Images that passed the header check but failed to decode during training.
         self.unreadable_images = set()
 
+        self.anchor_cache = AnchorCache(self.anchor_params, anchor_cache_size)
+        # keras-retinanet's caffe normalisation of every uint8 value, as a lookup table.
+        values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)
+        self.normalisation = preprocess_image(values, mode="caffe")
+
         # Augmentation: keras-retinanet's transform generator, seeded per rank.
-        transforms = None
-        if training and config.data.flip_chance > 0:
+        transforms = transform_generator
+        if transforms is None and training and config.data.flip_chance > 0:
             prng = np.random.RandomState(self.seed * 1000 + rank)
             transforms = random_transform_generator(
                 prng=prng, flip_x_chance=config.data.flip_chance
@@ -159,20 +198,33 @@ class VocSequence(Generator):
         return next(self.transform_generator) if self.transform_generator else None
 
     def build_batch(self, group: list, transforms: list):
-        """Images and [regression, classification] targets for a group of image indices."""
-        images = self.load_image_group(group)
-        annotations = self.load_annotations_group(group)
-        images, annotations = self.filter_annotations(images, annotations, group)
-        for index, transform in enumerate(transforms):
+        """Images and [regression, classification] targets for a group of image indices.
+
+        Args:
+            group: image indices.
+            transforms: one 3x3 keras-retinanet transform (or None) per image.
+
+        Returns:
+            images: (batch, height, width, 3) float32, caffe-normalised, zero-padded;
+            [regression (batch, anchors, 5), classification (batch, anchors, classes + 1)],
+            float32, as keras-retinanet's anchor_targets_bbox lays them out.
+        """
+        images, annotations = [], []
+        for index, transform in zip(group, transforms):
+            image = self.load_image(index)
+            boxes = self.load_annotations(index)
             if transform is not None:
-                transform = adjust_transform_for_image(
-                    transform, images[index], self.transform_parameters.relative_translation
-                )
-                images[index], annotations[index] = self.random_transform_group_entry(
-                    images[index], annotations[index], transform
-                )
-        images, annotations = self.preprocess_group(images, annotations)
+                image, boxes = self.transform_entry(image, boxes, transform)
+            image, scale = self.resize_image(image)
+            for key in ("bboxes", "ignore_bboxes"):
+                boxes[key] = boxes[key] * scale
+            images.append(image)
+            annotations.append(boxes)
         return self.compute_inputs(images), self.compute_targets(images, annotations)
+
+    def compute_input_output(self, group):
+        """keras-retinanet's Sequence entry point, routed through build_batch."""
+        return self.build_batch(group, [self.next_transform() for _ in group])
 
     def filter_annotations(self, image_group, annotations_group, group):
         """Keeps every box: VocDataset already clipped them to the image and reported it.
@@ -182,45 +234,101 @@ class VocSequence(Generator):
         """
         return image_group, annotations_group
 
-    def random_transform_group_entry(self, image, annotations, transform=None):
-        # The base class transforms "bboxes" only; difficult boxes must follow the flip too.
-        ignore = annotations.pop("ignore_bboxes")
-        count = len(annotations["bboxes"])
-        annotations["bboxes"] = np.concatenate([annotations["bboxes"], ignore])
-        image, annotations = super().random_transform_group_entry(image, annotations, transform)
-        annotations["ignore_bboxes"] = annotations["bboxes"][count:]
-        annotations["bboxes"] = annotations["bboxes"][:count]
-        return image, annotations
+    def transform_entry(self, image: np.ndarray, annotations: dict, transform: np.ndarray):
+        """keras-retinanet's transform of one image and its boxes, difficult boxes included.
 
-    def preprocess_group_entry(self, image, annotations):
-        """Resizes, normalises (caffe mode) and scales every box by the resize factor."""
-        image, scale = self.resize_image(image)
-        image = self.preprocess_image(image).astype(np.float32)
+        A horizontal flip or the identity (what `data.flip_chance` draws) is done by slicing;
+        the result equals warpAffine's, which maps output column x to input column width - x
+        and so repeats the last input column at x = 0 (BORDER_REPLICATE). Every other
+        transform goes through keras-retinanet's warpAffine and transform_aabb.
+        """
+        params = self.transform_parameters
+        matrix = adjust_transform_for_image(transform, image, params.relative_translation)
+        width = image.shape[1]
+        default_params = params.fill_mode == "nearest" and params.interpolation == "linear"
+        if default_params and np.array_equal(matrix[:2], [[1, 0, 0], [0, 1, 0]]):
+            return image, annotations
+        if default_params and np.array_equal(matrix[:2], [[-1, 0, width], [0, 1, 0]]):
+            flipped = np.empty_like(image)
+            flipped[:, 1:] = image[:, :0:-1]
+            flipped[:, 0] = image[:, -1]
+            for key in ("bboxes", "ignore_bboxes"):
+                boxes = annotations[key].copy()
+                boxes[:, 0] = width - annotations[key][:, 2]
+                boxes[:, 2] = width - annotations[key][:, 0]
+                annotations[key] = boxes
+            return flipped, annotations
+        image = apply_transform(matrix, image, params)
         for key in ("bboxes", "ignore_bboxes"):
-            annotations[key] = annotations[key] * scale
+            annotations[key] = np.array([transform_aabb(matrix, box) for box in annotations[key]])
+            annotations[key] = annotations[key].reshape(-1, 4).astype(np.float64)
         return image, annotations
 
     def compute_inputs(self, image_group):
-        """Zero-pads the group's images to a common size (the group may be short)."""
+        """Normalises uint8 BGR images (caffe mode) into a zero-padded float32 batch."""
         shape = tuple(max(image.shape[axis] for image in image_group) for axis in range(3))
-        batch = np.zeros((len(image_group),) + shape, dtype=np.float32)
+        # Zeros only where padding is needed: every slot is overwritten otherwise.
+        padded = any(image.shape != shape for image in image_group)
+        batch = (np.zeros if padded else np.empty)((len(image_group),) + shape, np.float32)
         for index, image in enumerate(image_group):
-            batch[index, : image.shape[0], : image.shape[1]] = image
+            slot = batch[index, : image.shape[0], : image.shape[1]]
+            # The table lookup writes into the batch directly when the slot is contiguous.
+            result = cv2.LUT(image, self.normalisation, dst=slot)
+            if not np.shares_memory(result, slot):
+                slot[...] = result
         return batch
 
     def generate_anchors(self, image_shape):
-        return anchors_for_shape(
-            image_shape, anchor_params=self.anchor_params, shapes_callback=guess_shapes
-        )
+        return self.anchor_cache.get(image_shape).anchors()
+
+    def compute_targets(self, image_group, annotations_group):
+        """[regression (batch, anchors, 5), classification (batch, anchors, classes + 1)].
+
+        The values of keras-retinanet's anchor_targets_bbox (IoU >= 0.5 positive, 0.4 to 0.5
+        ignored, anchors centred outside the image ignored); with `data.difficult=ignore`,
+        background anchors overlapping a difficult object by more than 0.4 become ignored.
+        """
+        shape = tuple(max(image.shape[axis] for image in image_group) for axis in range(3))
+        anchors = self.anchor_cache.get(shape)
+        count = anchors.count
+        regression = np.zeros((len(image_group), count, 5), dtype=np.float32)
+        labels = np.zeros((len(image_group), count, self.num_classes() + 1), dtype=np.float32)
+        for index, (image, annotations) in enumerate(zip(image_group, annotations_group)):
+            boxes = annotations["bboxes"]
+            if len(boxes):
+                best, nearest = anchors.overlaps(boxes)
+                positive = np.flatnonzero(best >= POSITIVE_OVERLAP)
+                ignore = np.flatnonzero((best > NEGATIVE_OVERLAP) & (best < POSITIVE_OVERLAP))
+                for state, where in ((-1, ignore), (1, positive)):
+                    labels[index, where, -1] = state
+                    regression[index, where, -1] = state
+                classes = annotations["labels"][nearest[positive]].astype(int)
+                labels[index, positive, classes] = 1
+                anchors.regression_targets(boxes, nearest, out=regression[index, :, :4])
+
+            # Anchors centred outside this image (padding of a batch, or the ragged edge).
+            outside = np.flatnonzero(
+                (anchors.centre_x >= image.shape[1]) | (anchors.centre_y >= image.shape[0])
+            )
+            labels[index, outside, -1] = -1
+            regression[index, outside, -1] = -1
+
+            # Difficult objects under data.difficult=ignore: no background near them.
+            if self.ignore_difficult and len(annotations["ignore_bboxes"]):
+                best, _ = anchors.overlaps(annotations["ignore_bboxes"])
+                near = (best > NEGATIVE_OVERLAP) & (labels[index, :, -1] == 0)
+                labels[index, near, -1] = -1
+                regression[index, near, -1] = -1
+        return [regression, labels]
 
     def _anchor_targets(self, anchors, image_group, annotations_group, num_classes):
+        # keras-retinanet's own target function with the difficult rule: the reference that
+        # compute_targets is tested against.
         regression, labels = anchor_targets_bbox(
             anchors, image_group, annotations_group, num_classes
         )
         if not self.ignore_difficult:
             return regression, labels
-
-        # Anchors that would be background but overlap a difficult object become "ignore".
         for index, annotations in enumerate(annotations_group):
             if not len(annotations["ignore_bboxes"]):
                 continue
@@ -229,3 +337,163 @@ class VocSequence(Generator):
             labels[index, near, -1] = -1
             regression[index, near, -1] = -1
         return regression, labels
+
+
+class AnchorSet:
+    """The anchors of one padded image shape, stored by column, and what targets reuse.
+
+    Values equal keras-retinanet's anchors_for_shape with guess_shapes: locations row by row
+    per pyramid level, 9 anchors per location.
+
+    Attributes:
+        count: number of anchors.
+        x1, y1, x2, y2, widths, heights, areas, centre_x, centre_y: (anchors,) float64.
+        levels: per pyramid level: its slice of the anchors, its (rows, columns, anchors)
+            shape, the smallest y1 and largest y2 per row of locations, the smallest x1 and
+            largest x2 per column, and (rows, columns, anchors) views of x1, y1, x2, y2, areas.
+    """
+
+    def __init__(self, image_shape, params: AnchorParameters):
+        grids, bounds, start = [], [], 0
+        for level, shape in enumerate(guess_shapes(image_shape, PYRAMID_LEVELS)):
+            rows, columns = int(shape[0]), int(shape[1])
+            base = generate_anchors(params.sizes[level], params.ratios, params.scales)
+            shift_x = (np.arange(0, columns) + 0.5) * params.strides[level]
+            shift_y = (np.arange(0, rows) + 0.5) * params.strides[level]
+            # (rows, columns, anchors, 4): the same sums as keras-retinanet's shift().
+            grid = np.empty((rows, columns, len(base), 4))
+            grid[..., 0::2] = base[:, 0::2] + shift_x[None, :, None, None]
+            grid[..., 1::2] = base[:, 1::2] + shift_y[:, None, None, None]
+            # The extent of each row and column of locations, increasing along the grid.
+            bounds.append(
+                (start, (rows, columns, len(base)),
+                 grid[..., 1].min(axis=(1, 2)), grid[..., 3].max(axis=(1, 2)),
+                 grid[..., 0].min(axis=(0, 2)), grid[..., 2].max(axis=(0, 2)))
+            )  # fmt: skip
+            grids.append(grid.reshape(-1, 4))
+            start += grid.size // 4
+        anchors = np.concatenate(grids)
+        self.count = len(anchors)
+        self.x1, self.y1, self.x2, self.y2 = (np.ascontiguousarray(c) for c in anchors.T)
+        self.widths = self.x2 - self.x1
+        self.heights = self.y2 - self.y1
+        self.areas = self.widths * self.heights
+        self.centre_x = (self.x1 + self.x2) / 2
+        self.centre_y = (self.y1 + self.y2) / 2
+        self.levels = [
+            (part, shape, *extents, *(self._grid(a, part, shape) for a in self._columns()))
+            for part, shape, *extents in (
+                (slice(begin, begin + int(np.prod(shape))), shape, *rest)
+                for begin, shape, *rest in bounds
+            )
+        ]
+
+    def _columns(self) -> tuple:
+        return self.x1, self.y1, self.x2, self.y2, self.areas
+
+    @staticmethod
+    def _grid(values: np.ndarray, part: slice, shape: tuple) -> np.ndarray:
+        # A (rows, columns, anchors) view of one level's anchors.
+        return values[part].reshape(shape)
+
+    def anchors(self) -> np.ndarray:
+        """(anchors, 4) x1, y1, x2, y2 float64."""
+        return np.stack([self.x1, self.y1, self.x2, self.y2], axis=1)
+
+    def overlaps(self, boxes: np.ndarray):
+        """Every anchor's best IoU and its box, as keras-retinanet's compute_overlap and argmax.
+
+        Per box and pyramid level, only the window of anchor locations whose extent meets the
+        box is computed; anchors outside it cannot overlap the box. A later box replaces an
+        earlier one only when strictly better, so ties go to the first box, as with argmax.
+
+        Args:
+            boxes: (boxes, 4) x1, y1, x2, y2 float64.
+
+        Returns:
+            best: (anchors,) float64 IoU with the best box (0 when none overlaps);
+            nearest: (anchors,) int index of that box (0 when none overlaps).
+        """
+        best = np.zeros(self.count)
+        nearest = np.zeros(self.count, dtype=np.int64)
+        for k, (bx1, by1, bx2, by2) in enumerate(np.asarray(boxes, dtype=np.float64)):
+            box_area = (bx2 - bx1) * (by2 - by1)
+            for level in self.levels:
+                part, shape, row_y1, row_y2, column_x1, column_x2, x1, y1, x2, y2, areas = level
+                rows = slice(
+                    int(np.searchsorted(row_y2, by1, side="right")),
+                    int(np.searchsorted(row_y1, by2, side="left")),
+                )
+                columns = slice(
+                    int(np.searchsorted(column_x2, bx1, side="right")),
+                    int(np.searchsorted(column_x1, bx2, side="left")),
+                )
+                if rows.start >= rows.stop or columns.start >= columns.stop:
+                    continue
+                window = (rows, columns)
+                iw = np.minimum(x2[window], bx2) - np.maximum(x1[window], bx1)
+                ih = np.minimum(y2[window], by2) - np.maximum(y1[window], by1)
+                inter = iw * ih
+                union = areas[window] + box_area - inter
+                # Same operations in the same order as compute_overlap, so the same bits.
+                iou = np.divide(inter, union, out=np.zeros_like(inter), where=(iw > 0) & (ih > 0))
+                level_best = best[part].reshape(shape)[window]
+                better = iou > level_best
+                level_best[better] = iou[better]
+                nearest[part].reshape(shape)[window][better] = k
+        return best, nearest
+
+    def regression_targets(self, boxes: np.ndarray, nearest: np.ndarray, out: np.ndarray):
+        """keras-retinanet's bbox_transform of every anchor against its nearest box.
+
+        Args:
+            boxes: (boxes, 4) float64.
+            nearest: (anchors,) index of each anchor's best-overlapping box.
+            out: (anchors, 4) float32, written.
+        """
+        buffer = np.empty(self.count)
+        others = np.flatnonzero(nearest)
+        columns = (
+            (self.x1, self.widths), (self.y1, self.heights),
+            (self.x2, self.widths), (self.y2, self.heights),
+        )  # fmt: skip
+        for column, (corner, size) in enumerate(columns):
+            # ((box - anchor) / anchor size - mean 0) / std, in float64 like bbox_transform;
+            # most anchors have box 0 as nearest (no overlap at all), the rest are redone.
+            np.subtract(boxes[0, column], corner, out=buffer)
+            np.divide(buffer, size, out=buffer)
+            np.divide(buffer, REGRESSION_STD, out=buffer)
+            if len(others):
+                part = boxes[nearest[others], column] - corner[others]
+                buffer[others] = part / size[others] / REGRESSION_STD
+            out[:, column] = buffer
+
+
+class AnchorCache:
+    """AnchorSets by feature-map shapes, least recently used first out; thread-safe.
+
+    Args:
+        params: anchor sizes, strides, ratios and scales.
+        size: sets kept (each about 12 MiB for an 800 x 1333 image).
+    """
+
+    def __init__(self, params: AnchorParameters, size: int = 8):
+        self.params = params
+        self.size = max(1, size)
+        self.sets = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, image_shape) -> AnchorSet:
+        # Anchors depend on the image shape only through the feature-map shapes.
+        key = tuple(tuple(int(v) for v in s) for s in guess_shapes(image_shape, PYRAMID_LEVELS))
+        with self.lock:
+            found = self.sets.get(key)
+            if found is not None:
+                self.sets.move_to_end(key)
+                return found
+        built = AnchorSet(image_shape, self.params)
+        with self.lock:
+            self.sets[key] = built
+            while len(self.sets) > self.size:
+                self.sets.popitem(last=False)
+        return built

@@ -26,7 +26,13 @@ from keras_retinanet.losses import smooth_l1
 
 from fgl_retinanet import distributed
 from fgl_retinanet.config import Config, resolve_path, save_config
-from fgl_retinanet.data import DataError, dataset_root, load_split, make_generator
+from fgl_retinanet.data import (
+    DataError,
+    dataset_root,
+    load_split,
+    make_generator,
+    write_data_report,
+)
 from fgl_retinanet.evaluation import average_precisions_all, per_class_table
 from fgl_retinanet.losses import build_loss
 from fgl_retinanet.model import (
@@ -128,6 +134,11 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
     if context.is_primary:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
+        # The same report fgl-check-data prints, for the splits this run uses.
+        write_data_report(
+            out / "data_report.json",
+            {config.data.train_split: train_set.report, config.data.val_split: val_set.report},
+        )
         _truncate_metrics(out / "metrics.csv", initial_epoch)
     padded = train_batches.images_per_rank * context.size - len(train_set)
     logger.info(
@@ -469,7 +480,8 @@ def _epoch_stream(batches, initial_epoch: int, config: Config, num_classes: int)
 
 def _load_split(root: Path, split: str, config: Config) -> "VocDataset":
     dataset = load_split(root, split, config)
-    logger.info("%s/%s: %s", root.name, split, dataset.report.summary())
+    # The fgl-check-data summary (it names root and split); all of it in data_report.json.
+    logger.info("%s", dataset.report.summary())
     return dataset
 
 

@@ -5,6 +5,7 @@ into pytest's tmp_path. Nothing here imports TensorFlow.
 """
 
 import collections
+import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -15,7 +16,14 @@ import numpy as np
 import pytest
 
 from fgl_retinanet.config import VOC_CLASSES
-from fgl_retinanet.data import TOY_CLASSES, DataError, VocDataset, generate_toy_dataset
+from fgl_retinanet.data import (
+    TOY_CLASSES,
+    DataError,
+    VocDataset,
+    generate_toy_dataset,
+    read_image_bgr,
+    write_data_report,
+)
 from shared_paths import VOC_SAMPLE
 
 SAMPLE_ROOT = VOC_SAMPLE
@@ -390,10 +398,107 @@ def test_broken_and_missing_files_are_reported(tmp_path):
 
     problems = dict(dataset.report.problems)
     assert len(problems) == 3
+    report = dataset.report
+    assert (report.malformed_annotations, report.missing_annotations) == (1, 1)
+    assert report.unreadable_images == 1
     assert problems[str(root / "Annotations" / "malformed.xml")].startswith("malformed XML")
     assert problems[str(root / "Annotations" / "no_xml.xml")] == "listed in the split but missing"
     assert "missing or unreadable image" in problems[str(root / "JPEGImages" / "no_jpeg.jpg")]
     assert "malformed.xml" in dataset.report.summary()
+
+
+def test_missing_or_empty_pose_is_unspecified(tmp_path):
+    objects = [
+        object_xml("dog", [1, 1, 10, 10]),
+        object_xml("dog", [1, 1, 10, 10], inner="<pose>  </pose>"),
+        object_xml("dog", [1, 1, 10, 10], inner="<pose> Left </pose>"),
+    ]
+    dataset = VocDataset(write_voc(tmp_path, {"a": annotation_xml(*objects)}), "train", VOC_CLASSES)
+    assert only_record(dataset).poses == ("Unspecified", "Unspecified", "Left")
+    assert dataset.report.problems == []
+
+
+def test_object_with_several_boxes_follows_the_box_policy(tmp_path):
+    second = "<bndbox><xmin>3</xmin><ymin>3</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>"
+    objects = [object_xml("dog", [1, 1, 10, 10], inner=second), object_xml("cat", [2, 2, 8, 8])]
+    root = write_voc(tmp_path, {"a": annotation_xml(*objects)})
+    with pytest.raises(DataError, match=r"a\.xml: object 0 \(dog\) has 2 boxes"):
+        VocDataset(root, "train", VOC_CLASSES)
+    dataset = VocDataset(root, "train", VOC_CLASSES, bad_boxes="skip")
+    assert only_record(dataset).labels.tolist() == [VOC_CLASSES.index("cat")]
+    assert dataset.report.bad_boxes == 1
+    assert "object 0 (dog) has 2 boxes" in dataset.report.problems[0][1]
+
+
+def test_error_lists_every_offender(tmp_path):
+    # More offenders than any display limit: one message still names each of them.
+    annotations = {f"{i:03d}": annotation_xml(object_xml("persn", [1, 1, 9, 9])) for i in range(70)}
+    root = write_voc(tmp_path, annotations)
+    with pytest.raises(DataError) as info:
+        VocDataset(root, "train", VOC_CLASSES)
+    message = str(info.value)
+    assert message.startswith("70 objects in train with class names outside data.classes")
+    assert all(f"{i:03d}.xml: object 0 named 'persn'" in message for i in range(70))
+    # The exception carries the whole report.
+    assert info.value.report.unknown_names == {"persn": 70}
+    assert not info.value.report.can_train
+
+
+def test_policy_errors_recorded_without_raising(tmp_path):
+    objects = [object_xml("zebra", [1, 1, 9, 9]), object_xml("dog", [20, 5, 10, 30])]
+    other = annotation_xml(object_xml("dog", [1, 1, 9, 9]))
+    root = write_voc(tmp_path, {"a": annotation_xml(*objects), "b": other})
+    dataset = VocDataset(root, "train", VOC_CLASSES, raise_errors=False)
+    report = dataset.report
+    assert not report.can_train and len(report.errors) == 2
+    assert "class names outside data.classes" in report.errors[0]
+    assert "without a usable box" in report.errors[1]
+    assert (report.images, report.objects, report.skipped_objects, report.bad_boxes) == (2, 1, 1, 1)
+    summary = report.summary()
+    assert summary.startswith("train: 2 images, 1 objects") or "/train: 2 images" in summary
+    assert "training cannot proceed:" in summary and "data.unknown_classes=skip" in summary
+    assert "objects per class: aeroplane 0" in summary and "dog 1" in summary
+
+    # Skip policies: the same objects counted, training can proceed.
+    skipped = VocDataset(root, "train", VOC_CLASSES, unknown_classes="skip", bad_boxes="skip")
+    assert skipped.report.can_train and skipped.report.summary().endswith("training can proceed")
+
+
+def test_data_report_json(tmp_path):
+    root = write_voc(
+        tmp_path / "voc",
+        {"a": annotation_xml(object_xml("dog", [-3, 1, 10, 10])), "gone": None},
+    )
+    report = VocDataset(root, "train", VOC_CLASSES).report
+    written = write_data_report(tmp_path / "report.json", {"train": report})
+    loaded = json.loads((tmp_path / "report.json").read_text())
+    assert loaded == written
+    assert loaded["can_train"] is True
+    split = loaded["splits"]["train"]
+    assert (split["images"], split["objects"], split["clipped_boxes"]) == (1, 1, 1)
+    assert split["missing_annotations"] == 1
+    annotations = root / "Annotations"
+    assert split["problems"] == [[str(annotations / "gone.xml"), "listed in the split but missing"]]
+    assert split["notes"] == [
+        [str(annotations / "a.xml"), "object 0 (dog) clipped to the image border"]
+    ]
+    assert split["per_class"]["dog"] == 1 and split["split"] == "train"
+
+
+def test_exif_orientation_is_ignored(tmp_path):
+    # A JPEG whose EXIF says "rotate 90": annotations refer to the stored pixels, as for
+    # keras-retinanet's PIL reader, so the size check and the decoded image must agree.
+    from PIL import Image
+
+    pixels = np.zeros((IMAGE_HEIGHT, IMAGE_WIDTH, 3), dtype=np.uint8)
+    pixels[:, : IMAGE_WIDTH // 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(path, exif=exif)
+    image = read_image_bgr(path)
+    assert image.shape == (IMAGE_HEIGHT, IMAGE_WIDTH, 3)
+    np.testing.assert_array_equal(image, np.asarray(Image.open(path).convert("RGB"))[:, :, ::-1])
 
 
 def test_image_without_objects_is_kept(tmp_path):

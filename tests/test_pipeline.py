@@ -3,11 +3,14 @@
 import numpy as np
 import pytest
 from keras_retinanet.preprocessing.pascal_voc import PascalVocGenerator
+from keras_retinanet.utils.anchors import anchor_targets_bbox, anchors_for_shape, guess_shapes
+from keras_retinanet.utils.compute_overlap import compute_overlap
+from keras_retinanet.utils.image import adjust_transform_for_image
 from keras_retinanet.utils.transform import random_transform
 
 from fgl_retinanet.config import VOC_CLASSES, load_config
 from fgl_retinanet.data import TOY_CLASSES, VocDataset
-from fgl_retinanet.pipeline import VocSequence
+from fgl_retinanet.pipeline import AnchorCache, AnchorSet, VocSequence, anchor_parameters
 
 
 def _config(*overrides):
@@ -16,38 +19,149 @@ def _config(*overrides):
     )
 
 
-@pytest.mark.parametrize("flip", [False, True])
-def test_targets_match_keras_retinanet(voc_sample, flip):
+def reference_batch(generator, group, transforms):
+    """keras-retinanet's compute_input_output for a group, each image with a given transform."""
+    images = generator.load_image_group(group)
+    annotations = generator.load_annotations_group(group)
+    images, annotations = generator.filter_annotations(images, annotations, group)
+    for index, transform in enumerate(transforms):
+        if transform is not None:
+            matrix = adjust_transform_for_image(transform.copy(), images[index], True)
+            images[index], annotations[index] = generator.random_transform_group_entry(
+                images[index], annotations[index], matrix
+            )
+    images, annotations = generator.preprocess_group(images, annotations)
+    return generator.compute_inputs(images), generator.compute_targets(images, annotations)
+
+
+TRANSFORMS = {
+    "none": None,
+    "flip": random_transform(flip_x_chance=1.0),
+    "identity": random_transform(),
+    # Not a flip: keras-retinanet's own warpAffine path.
+    "rotation": random_transform(min_rotation=0.1, max_rotation=0.1, min_scaling=(1.1, 1.1),
+                                 max_scaling=(1.1, 1.1)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "transform, sides",
+    [("none", (320, 512)), ("flip", (320, 512)), ("identity", (320, 512)),
+     ("rotation", (320, 512)), ("flip", (800, 1333))],
+)  # fmt: skip
+def test_targets_match_keras_retinanet(voc_sample, transform, sides):
     # Same image, same transform: inputs and both target tensors must be identical.
     theirs = PascalVocGenerator(
         str(voc_sample), "trainval", batch_size=1, group_method="none", shuffle_groups=False,
-        image_min_side=320, image_max_side=512,
+        image_min_side=sides[0], image_max_side=sides[1],
     )  # fmt: skip
     dataset = VocDataset(voc_sample, "trainval", VOC_CLASSES)
-    ours = VocSequence(dataset, _config("data.flip_chance=0"), training=False)
-    transform = random_transform(flip_x_chance=1.0) if flip else None
+    config = load_config(
+        None, [f"data.image_min_side={sides[0]}", f"data.image_max_side={sides[1]}"]
+    )
+    ours = VocSequence(dataset, config, training=False)
+    matrix = TRANSFORMS[transform]
     assert dataset.report.objects == 41
     for index in range(len(dataset)):
-        if flip:
-            from keras_retinanet.utils.image import adjust_transform_for_image
-
-            images = theirs.load_image_group([index])
-            annotations = theirs.load_annotations_group([index])
-            images, annotations = theirs.filter_annotations(images, annotations, [index])
-            matrix = adjust_transform_for_image(transform, images[0], True)
-            images[0], annotations[0] = theirs.random_transform_group_entry(
-                images[0], annotations[0], matrix
-            )
-            images, annotations = theirs.preprocess_group(images, annotations)
-            expected = (theirs.compute_inputs(images), theirs.compute_targets(images, annotations))
-        else:
-            expected = theirs.compute_input_output([index])
-        inputs, targets = ours.build_batch([index], [transform])
+        expected = reference_batch(theirs, [index], [matrix])
+        inputs, targets = ours.build_batch([index], [None if matrix is None else matrix.copy()])
         np.testing.assert_array_equal(inputs, expected[0])
         np.testing.assert_array_equal(targets[0], expected[1][0])
         np.testing.assert_array_equal(targets[1], expected[1][1])
         # Every image of the sample has objects, so some anchors must be positive.
         assert (targets[1][0, :, -1] == 1).sum() > 0
+
+
+def test_a_flip_changes_the_targets(voc_sample):
+    # Guards the comparison above: the flipped batch really differs from the plain one.
+    dataset = VocDataset(voc_sample, "trainval", VOC_CLASSES)
+    ours = VocSequence(dataset, _config(), training=False)
+    plain_inputs, plain = ours.build_batch([0], [None])
+    flipped_inputs, flipped = ours.build_batch([0], [TRANSFORMS["flip"].copy()])
+    assert not np.array_equal(plain_inputs, flipped_inputs)
+    assert not np.array_equal(plain[1], flipped[1])
+    # The flip is warpAffine's: output column x is input column width - x (the last column
+    # repeated at x = 0), and boxes move the same way.
+    image = ours.load_image(0)
+    annotations = ours.load_annotations(0)
+    width = image.shape[1]
+    mirrored, moved = ours.transform_entry(image, dict(annotations), TRANSFORMS["flip"].copy())
+    np.testing.assert_array_equal(mirrored[:, 1:], image[:, :0:-1])
+    np.testing.assert_array_equal(mirrored[:, 0], image[:, -1])
+    flipped_x = width - annotations["bboxes"][:, [0, 2]]
+    np.testing.assert_array_equal(moved["bboxes"][:, [2, 0]], flipped_x)
+
+
+def test_padded_batch_matches_keras_retinanet(voc_sample):
+    # Two images of different shapes in one batch: padding and outside-anchor rules.
+    theirs = PascalVocGenerator(
+        str(voc_sample), "trainval", batch_size=2, group_method="none", shuffle_groups=False,
+        image_min_side=320, image_max_side=512,
+    )  # fmt: skip
+    dataset = VocDataset(voc_sample, "trainval", VOC_CLASSES)
+    ours = VocSequence(dataset, _config("train.batch_size=2"), training=False)
+    group = [0, 1]
+    assert dataset.records[0].width != dataset.records[1].width
+    expected = reference_batch(theirs, group, [None, TRANSFORMS["flip"]])
+    inputs, targets = ours.build_batch(group, [None, TRANSFORMS["flip"].copy()])
+    np.testing.assert_array_equal(inputs, expected[0])
+    np.testing.assert_array_equal(targets[0], expected[1][0])
+    np.testing.assert_array_equal(targets[1], expected[1][1])
+    assert (targets[1][:, :, -1] == -1).sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(320, 427, 3), (800, 1066, 3), (1333, 750, 3), (41, 97, 3)])
+def test_anchor_sets_equal_keras_retinanet_anchors(shape):
+    params = anchor_parameters([32, 64, 128, 256, 512])
+    np.testing.assert_array_equal(
+        AnchorSet(shape, params).anchors(),
+        anchors_for_shape(shape, anchor_params=params, shapes_callback=guess_shapes),
+    )
+
+
+def test_overlaps_equal_compute_overlap():
+    # Random boxes, boxes past the border, duplicates (ties) and a degenerate box.
+    anchors = AnchorSet((320, 480, 3), anchor_parameters([32, 64, 128, 256, 512]))
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(-40, 500, size=(12, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(1, 300, size=(12, 2))], axis=1)
+    boxes = np.concatenate([boxes, boxes[:2], [[10.0, 10.0, 10.5, 10.5]]])
+    best, nearest = anchors.overlaps(boxes)
+    expected = compute_overlap(anchors.anchors(), boxes)
+    np.testing.assert_array_equal(nearest, expected.argmax(axis=1))
+    np.testing.assert_array_equal(best, expected.max(axis=1))
+    assert (best >= 0.5).sum() > 10 and not (nearest == 12).any()
+
+
+def test_difficult_ignore_matches_the_reference_rule(voc_sample):
+    # The fast targets against keras-retinanet's targets plus the rule applied the slow way.
+    dataset = VocDataset(voc_sample, "trainval", VOC_CLASSES)
+    ours = VocSequence(dataset, _config("data.difficult=ignore"), training=False)
+    hard = [i for i, r in enumerate(dataset.records) if r.difficult.any()]
+    assert hard
+    for index in hard:
+        image = ours.load_image(index)
+        annotations = ours.load_annotations(index)
+        image, scale = ours.resize_image(image)
+        for key in ("bboxes", "ignore_bboxes"):
+            annotations[key] = annotations[key] * scale
+        fast = ours.compute_targets([image], [annotations])
+        slow = ours._anchor_targets(
+            ours.generate_anchors(image.shape), [image], [annotations], ours.num_classes()
+        )
+        np.testing.assert_array_equal(fast[0], slow[0])
+        np.testing.assert_array_equal(fast[1], slow[1])
+
+
+def test_anchor_cache_is_bounded():
+    cache = AnchorCache(anchor_parameters([32, 64, 128, 256, 512]), size=2)
+    first = cache.get((320, 480, 3))
+    # Shapes with the same feature maps share one set.
+    assert cache.get((318, 475, 3)) is first
+    cache.get((480, 320, 3))
+    cache.get((200, 200, 3))
+    assert len(cache.sets) == 2
+    assert cache.get((320, 480, 3)) is not first
 
 
 def test_epoch_order_is_deterministic_and_shards_are_disjoint(toy_root):
@@ -121,3 +235,79 @@ def test_difficult_ignore_turns_background_anchors_into_ignore(voc_sample):
     changed = state_ignore != state_include
     assert changed.any()
     assert set(np.unique(state_ignore[changed])) <= {-1.0}
+
+
+def test_image_without_objects_trains_and_evaluates(voc_sample, tmp_path):
+    import shutil
+
+    import tensorflow as tf
+    from keras_retinanet.losses import smooth_l1
+
+    from fgl_retinanet.evaluation import average_precisions
+    from fgl_retinanet.losses import build_loss
+
+    # A VOC tree with one annotated image and one without any object.
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (tmp_path / sub).mkdir(parents=True)
+    for image_id in ("000001", "000002"):
+        shutil.copy(voc_sample / "JPEGImages" / f"{image_id}.jpg", tmp_path / "JPEGImages")
+    shutil.copy(voc_sample / "Annotations" / "000001.xml", tmp_path / "Annotations")
+    (tmp_path / "Annotations" / "000002.xml").write_text(
+        "<annotation><size><width>335</width><height>500</height><depth>3</depth></size>"
+        "</annotation>"
+    )
+    (tmp_path / "ImageSets" / "Main" / "train.txt").write_text("000001\n000002\n")
+    dataset = VocDataset(tmp_path, "train", VOC_CLASSES)
+    assert [len(r.boxes) for r in dataset.records] == [2, 0]
+
+    # Targets: no positive and no ignored anchor except those centred outside the image, as
+    # keras-retinanet computes them for an empty annotation.
+    ours = VocSequence(dataset, _config(), training=False)
+    inputs, (regression, labels) = ours.build_batch([1], [TRANSFORMS["flip"].copy()])
+    image = np.zeros(inputs.shape[1:])
+    empty = {"bboxes": np.zeros((0, 4)), "labels": np.zeros((0,))}
+    expected = anchor_targets_bbox(
+        ours.generate_anchors(image.shape), [image], [empty], len(VOC_CLASSES)
+    )
+    np.testing.assert_array_equal(regression, expected[0])
+    np.testing.assert_array_equal(labels, expected[1])
+    assert (labels[0, :, -1] == 1).sum() == 0 and labels[0, :, :-1].sum() == 0
+    assert (labels[0, :, -1] == 0).sum() > 0.9 * labels.shape[1]
+
+    # Both losses are finite on it: the focal normaliser is at least 1.
+    logits = tf.random.stateless_normal((1, labels.shape[1], len(VOC_CLASSES)), seed=(1, 2))
+    for name in ("focal", "focal_gradient"):
+        value = float(build_loss(name)(labels, logits))
+        assert np.isfinite(value) and value > 0
+    box_loss = float(smooth_l1()(regression, tf.zeros((1, labels.shape[1], 4))))
+    assert np.isfinite(box_loss) and box_loss == 0.0
+
+    # Evaluation: a detection on the empty image is a false positive.
+    ground_truth = dataset.ground_truth()
+    assert ground_truth["000002"] == []
+    dog = ground_truth["000001"][0]["box"]
+    hit = {"box": dog, "score": 0.5, "label": "dog"}
+    alone = average_precisions(ground_truth, {"000001": [hit]}, ["dog"])
+    with_empty = average_precisions(
+        ground_truth,
+        {"000001": [hit], "000002": [{"box": dog, "score": 0.9, "label": "dog"}]},
+        ["dog"],
+    )
+    assert alone["per_class"]["dog"] == pytest.approx(1.0)
+    assert with_empty["per_class"]["dog"] == pytest.approx(0.5)
+
+
+def test_training_boxes_are_the_evaluation_ground_truth(voc_sample):
+    # One 1-based to 0-based shift, shared: the generator's boxes are the evaluation's boxes.
+    dataset = VocDataset(voc_sample, "trainval", VOC_CLASSES)
+    ours = VocSequence(dataset, _config(), training=False)
+    ground_truth = dataset.ground_truth()
+    for index, record in enumerate(dataset.records):
+        annotations = ours.load_annotations(index)
+        expected = [entry["box"] for entry in ground_truth[record.image_id]]
+        np.testing.assert_array_equal(annotations["bboxes"], np.array(expected).reshape(-1, 4))
+        assert [VOC_CLASSES[int(label)] for label in annotations["labels"]] == [
+            entry["label"] for entry in ground_truth[record.image_id]
+        ]
+    # 000001's dog is <xmin>48 ... in the XML.
+    assert ground_truth["000001"][0]["box"] == [47.0, 239.0, 194.0, 370.0]

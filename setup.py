@@ -24,6 +24,8 @@ setup(
             "fgl-train=fgl_retinanet.cli:train_main",
             "fgl-demo=fgl_retinanet.cli:demo_main",
             "fgl-evaluate=fgl_retinanet.cli:evaluate_main",
+            "fgl-experiment=fgl_retinanet.cli:experiment_main",
+            "fgl-compare=fgl_retinanet.cli:compare_main",
         ]
     },
 )

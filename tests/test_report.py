@@ -207,7 +207,8 @@ def test_compare_writes_every_output_with_the_runs_numbers(six_runs, tmp_path, c
         assert f"]({plot})" in markdown
     with open(out / "runs.csv") as f:
         rows = {row["run"]: row for row in csv.DictReader(f)}
-    assert float(rows["focal_gradient_seed1"]["mAP"]) == pytest.approx(np.mean(AP[("focal_gradient", 1)]))
+    expected = np.mean(AP[("focal_gradient", 1)])
+    assert float(rows["focal_gradient_seed1"]["mAP"]) == pytest.approx(expected)
     with open(out / "comparison.csv") as f:
         rows = {row["metric"]: row for row in csv.DictReader(f)}
     assert float(rows["mAP"]["p"]) == pytest.approx(paired["p"])

@@ -103,6 +103,8 @@ def experiment_main(argv=None, prog: str = "fgl-experiment") -> int:
         processes = args.np or experiment.processes
         if processes < 1:
             raise ConfigError(f"--np must be at least 1, got {processes}")
+        if processes > 1:
+            runner.horovodrun()
         runner.survey(experiment)
         problem = None
         try:

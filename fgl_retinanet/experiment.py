@@ -266,8 +266,20 @@ def command(run: Run, experiment: Experiment, processes: int) -> list[str]:
     train += run.overrides
     if processes == 1:
         return train
-    horovodrun = shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun")
-    return [horovodrun, "-np", str(processes), "-H", f"localhost:{processes}", *train]
+    return [horovodrun(), "-np", str(processes), "-H", f"localhost:{processes}", *train]
+
+
+def horovodrun() -> str:
+    """Path of horovodrun: next to this Python first, then on PATH.
+
+    Raises:
+        ConfigError: not installed.
+    """
+    beside = Path(sys.executable).parent / "horovodrun"
+    found = str(beside) if beside.is_file() else shutil.which("horovodrun")
+    if not found:
+        raise ConfigError("horovodrun not found: install Horovod (scripts/install.sh) or --np 1")
+    return found
 
 
 def run_experiment(experiment: Experiment, processes: int) -> int:

@@ -333,8 +333,10 @@ def compare(
             paired[other][metric] = paired_difference([a for a, _ in both], [b for _, b in both])
         per_class[other] = _per_class(pairs)
         verdicts += [verdict(m, other, baseline, paired[other][m]) for m in ("mAP", "best_mAP")]
-        noise = paired[other]["step_loss_noise"]
-        verdicts.append(verdict("step_loss_noise", other, baseline, noise))
+        for metric in ("step_loss_noise", "map_change_sd"):
+            verdicts.append(verdict(metric, other, baseline, paired[other][metric]))
+    if len(losses) == 1:
+        verdicts.append(f"only one loss ({label(baseline)}): nothing to compare")
 
     return {
         "baseline": baseline,
@@ -389,7 +391,7 @@ def write_report(
 def _markdown_report(report: dict) -> str:
     base = report["baseline"]
     others = report["losses"][1:]
-    title = " vs ".join(label(loss) for loss in others + [base])
+    title = " vs ".join(label(loss) for loss in others + [base])  # "FGL vs FL"
     seeds = sorted({run["seed"] for run in report["runs"]})
     lines = [
         f"# Comparison: {title}",

@@ -267,3 +267,18 @@ def test_tiny_experiment_interrupted_resumed_and_reported(tmp_path, capfd):
     markdown = (out / "report" / "report.md").read_text()
     assert "](map_vs_epoch.png)" in markdown and (out / "report" / "map_vs_epoch.png").is_file()
     assert "seed 1: same config but the loss, same initial weights" in markdown
+
+
+@pytest.mark.horovod
+def test_runs_go_through_horovodrun(tmp_path, capfd):
+    # Two processes per run through the runner: the command line really works under horovodrun.
+    overrides = {**TINY, "data.toy.num_train": 16, "train.epochs": 1,
+                 "data.root": str(tmp_path / "data")}  # fmt: skip
+    path = write_experiment(tmp_path, seeds=[0], overrides=overrides)
+    assert cli.experiment_main([str(path), "--np", "2"]) == 0
+    for name in ("focal_seed0", "focal_gradient_seed0"):
+        results = json.loads((tmp_path / "out" / name / "results.json").read_text())
+        assert results["processes"] == 2 and results["global_batch"] == 16
+        assert (tmp_path / "out" / f"{name}.rank_logs" / "rank1.txt").is_file()
+    report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
+    assert [run["budget"]["processes"] for run in report["runs"]] == [2, 2]

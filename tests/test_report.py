@@ -277,3 +277,12 @@ def test_registered_per_run_csv_plots_are_drawn_and_embedded(six_runs, tmp_path,
     }
     assert (tmp_path / "out" / "diagnostics.png").is_file()
     assert "](diagnostics.png)" in result["markdown"]
+
+
+def test_a_single_loss_is_described_but_not_compared(tmp_path):
+    root = tmp_path / "runs"
+    runs = [make_run(root, "focal", 0), make_run(root, "focal", 1)]
+    result = report.write_report(runs, tmp_path / "out")
+    assert result["verdicts"] == ["only one loss (FL): nothing to compare"]
+    finals = [np.mean(AP[("focal", seed)]) for seed in (0, 1)]
+    assert result["per_loss"]["focal"]["mAP"]["sd"] == pytest.approx(np.std(finals, ddof=1))

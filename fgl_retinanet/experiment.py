@@ -139,8 +139,8 @@ def load_experiment(
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ConfigError(f"{file}: processes must be a positive integer, got {processes!r}")
     noise_window = raw.get("noise_window", NOISE_WINDOW)
-    if isinstance(noise_window, bool) or not isinstance(noise_window, int) or noise_window < 1 \
-            or noise_window % 2 == 0:  # fmt: skip
+    is_int = isinstance(noise_window, int) and not isinstance(noise_window, bool)
+    if not (is_int and noise_window > 0 and noise_window % 2 == 1):
         raise ConfigError(f"{file}: noise_window must be an odd positive integer")
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):

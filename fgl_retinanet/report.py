@@ -694,6 +694,14 @@ def _pairing_checks(by_key: dict, losses: list[str]) -> list[str]:
                     f"seed {seed}: WARNING {run.name} differs from {first.name} in "
                     f"{', '.join(differences)}: the loss is not the only difference"
                 )
+        # Equal budgets: a different process count changes the global batch and the LR.
+        budgets = {(run.results.get("global_batch"), run.results.get("images_seen"),
+                    run.results.get("scaled_lr")) for run in group}  # fmt: skip
+        if len(budgets) > 1:
+            checks.append(
+                f"seed {seed}: WARNING the budgets differ (global batch, images seen, scaled LR: "
+                f"{', '.join(map(str, sorted(budgets, key=str)))})"
+            )
         sums = {run.initial_checksum for run in group}
         if None in sums:
             checks.append(f"seed {seed}: initial weights not recorded in every log.txt")

@@ -236,6 +236,14 @@ def test_pairs_that_differ_in_more_than_the_loss_are_flagged(tmp_path):
     checks = report.write_report(runs, tmp_path / "out")["checks"]
     assert any("differs from focal_seed0 in loss.gamma" in check for check in checks)
     assert any("initial weights differ" in check for check in checks)
+    assert not any("budgets differ" in check for check in checks)
+
+    # A run with two processes has another global batch: flagged too.
+    results = json.loads((runs[1] / "results.json").read_text())
+    results["global_batch"] = 16
+    (runs[1] / "results.json").write_text(json.dumps(results))
+    checks = report.write_report(runs, tmp_path / "out")["checks"]
+    assert any("seed 0: WARNING the budgets differ" in check for check in checks)
 
 
 def test_bad_inputs_fail_with_one_line(tmp_path, capsys):

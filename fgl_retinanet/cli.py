@@ -100,7 +100,7 @@ def experiment_main(argv=None, prog: str = "fgl-experiment") -> int:
     # The file, every run's config and the output tree are checked before anything trains.
     try:
         experiment = runner.load_experiment(args.experiment, args.out, args.overrides)
-        processes = args.np or experiment.processes
+        processes = experiment.processes if args.np is None else args.np
         if processes < 1:
             raise ConfigError(f"--np must be at least 1, got {processes}")
         if processes > 1:
@@ -148,12 +148,14 @@ def compare_main(argv=None) -> int:
     parser.add_argument("--out", default="comparison", help="output directory")
     parser.add_argument("--baseline", help="loss the others are compared with (default: focal)")
     parser.add_argument(
-        "--noise-window", type=int, default=25, help="odd moving-average window (steps)"
+        "--noise-window", type=int, help="odd moving-average window in steps (default 25)"
     )
     args = parser.parse_args(argv)
 
-    from fgl_retinanet.report import ReportError, find_runs
+    from fgl_retinanet.report import NOISE_WINDOW, ReportError, find_runs
 
+    if args.noise_window is None:
+        args.noise_window = NOISE_WINDOW
     if args.noise_window < 1 or args.noise_window % 2 == 0:
         print("fgl-compare: --noise-window must be odd and positive", file=sys.stderr)
         return 2
@@ -263,7 +265,7 @@ def _run_inference(config, snapshot: Path, dataset, batch_size: int) -> dict:
     return detect(inference, dataset, config, batch_size=batch_size, progress=True)
 
 
-def _report(prog: str, runs, out: Path, baseline=None, noise_window: int = 25) -> int:
+def _report(prog: str, runs, out: Path, baseline: str | None, noise_window: int) -> int:
     from fgl_retinanet.report import ReportError, per_class_markdown, write_report
 
     try:

@@ -59,6 +59,11 @@ def test_bad_experiment_files_fail_with_one_line(tmp_path, capsys, fields, messa
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_process_count_is_refused(tmp_path, capsys):
+    assert cli.experiment_main([str(write_experiment(tmp_path)), "--np", "0"]) == 2
+    assert "--np must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_unknown_loss_is_refused_before_training(tmp_path, capsys):
     path = write_experiment(tmp_path, losses=["focal", "focal_gradiant"])
     assert cli.experiment_main([str(path)]) == 2

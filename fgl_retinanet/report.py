@@ -43,7 +43,7 @@ RUN_METRICS = {
 # Configuration keys that may differ within a pair of runs without breaking the comparison.
 PAIR_KEYS = {"loss.name", "train.run_name", "train.output_dir", "train.threads", "train.workers"}
 
-_CHECKSUM = re.compile(r"initial weights checksum ([0-9a-f]{40})")
+_CHECKSUM = re.compile(r"checksum of the initial weights ([0-9a-f]{40})")
 
 logger = logging.getLogger(__name__)
 

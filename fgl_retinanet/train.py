@@ -451,7 +451,7 @@ class StepLossRecorder(tf.keras.callbacks.Callback):
         self._first_epoch = False
         self.steps_per_epoch = self.params.get("steps") or 0
         if epoch == 0:
-            logger.info("initial weights checksum %s", weights_checksum(self.model))
+            logger.info("checksum of the initial weights %s", weights_checksum(self.model))
         # Rows past the resumed epoch belong to an epoch that runs again.
         kept = []
         if self.path.is_file():

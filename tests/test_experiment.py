@@ -233,7 +233,7 @@ def test_tiny_experiment_interrupted_resumed_and_reported(tmp_path, capfd):
     checksums = {}
     for name, run in runs.items():
         log = (run / "log.txt").read_text()
-        (checksums[name],) = re.findall(r"initial weights checksum (\w+)", log)
+        (checksums[name],) = re.findall(r"checksum of the initial weights (\w+)", log)
     assert checksums["focal_seed0"] == checksums["focal_gradient_seed0"]
     assert checksums["focal_seed1"] == checksums["focal_gradient_seed1"]
     assert checksums["focal_seed0"] != checksums["focal_seed1"]

@@ -145,7 +145,7 @@ def make_run(root, loss, seed, overrides=(), checksum=None, steps=40):
         writer.writerow(["epoch", "step", "loss", "regression_loss", "classification_loss"])
         writer.writerows([1, i + 1, 0, 0, v] for i, v in enumerate(values))
     checksum = checksum or f"{seed:040x}"
-    (run / "log.txt").write_text(f"[00:00:00 rank 0] initial weights checksum {checksum}\n")
+    (run / "log.txt").write_text(f"[00:00:00 rank 0] checksum of the initial weights {checksum}\n")
     return run
 
 

@@ -25,6 +25,8 @@ setup(
             "fgl-demo=fgl_retinanet.cli:demo_main",
             "fgl-evaluate=fgl_retinanet.cli:evaluate_main",
             "fgl-check-data=fgl_retinanet.cli:check_data_main",
+            "fgl-experiment=fgl_retinanet.cli:experiment_main",
+            "fgl-compare=fgl_retinanet.cli:compare_main",
         ]
     },
 )

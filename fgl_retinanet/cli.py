@@ -3,6 +3,8 @@
     fgl-train --config configs/demo_fgl.yaml train.epochs=1
     fgl-train --resume runs/demo/demo_fgl
     fgl-demo --out runs/demo
+    fgl-experiment configs/experiments/voc2012_gamma2.yaml [--dry-run] [--np 4]
+    fgl-compare runs/experiments/voc2012_gamma2 --out runs/experiments/voc2012_gamma2/report
     fgl-evaluate runs/voc2012_fgl --root data/VOCdevkit/VOC2012 --split val
     fgl-evaluate --detections runs/voc2012_fgl/eval_val/detections.json --root ... --split val
     fgl-check-data --root data/VOCdevkit/VOC2012 --split trainval --json data_report.json
@@ -13,18 +15,15 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from fgl_retinanet.config import (
     ConfigError,
-    find_config,
     load_config,
-    resolve_path,
     validate_paths,
 )
 
-DEMO_CONFIGS = ("configs/demo_focal.yaml", "configs/demo_fgl.yaml")
+DEMO_EXPERIMENT = "configs/experiments/demo.yaml"
 
 
 def train_main(argv=None) -> int:
@@ -79,41 +78,94 @@ def demo_main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to both runs")
     args = parser.parse_args(argv)
 
-    out = resolve_path(args.out)
-    started = time.time()
-    results = {}
-    for path in DEMO_CONFIGS:
-        # Each run is the real fgl-train entry point with the demo output directory.
-        name = Path(path).stem
-        code = train_main(
-            ["--config", str(find_config(path)), f"train.output_dir={out}", *args.overrides]
-        )
-        if code != 0:
-            print(f"fgl-demo: run {name} failed (exit {code})", file=sys.stderr)
-            return code
-        with open(out / name / "results.json") as f:
-            results[name] = json.load(f)
+    # The demo is an experiment file: the same runner, resume and report as a real experiment.
+    return experiment_main([DEMO_EXPERIMENT, "--out", args.out, *args.overrides], prog="fgl-demo")
 
-    from fgl_retinanet.evaluation import comparison_table
 
-    table = comparison_table({name: r for name, r in results.items()})
-    seconds = time.time() - started
-    summary = {
-        "runs": {
-            name: {k: r[k] for k in ("loss", "mAP", "best_mAP", "mAP_11point", "train_seconds")}
-            for name, r in results.items()
-        },
-        "per_class": {name: r["per_class"] for name, r in results.items()},
-        "wall_seconds": round(seconds, 1),
-    }
-    (out / "comparison.md").write_text(
-        f"# Demo: focal loss vs focal gradient loss\n\nValidation AP (VOC area metric, "
-        f"devkit rules).\n\n{table}\n\nWall time: {seconds:.0f} s\n"
+def experiment_main(argv=None, prog: str = "fgl-experiment") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train every (loss, seed) run of an experiment file, then compare them. "
+        "Run it again after an interruption: finished runs are skipped, interrupted ones resume.",
     )
-    with open(out / "comparison.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"\n{table}\n\nWall time {seconds:.0f} s; outputs in {out}")
-    return 0
+    parser.add_argument("experiment", help="experiment YAML (configs/experiments/*.yaml)")
+    parser.add_argument("--dry-run", action="store_true", help="print commands and budget only")
+    parser.add_argument("--np", type=int, help="Horovod processes per run (horovodrun -np N)")
+    parser.add_argument("--out", help="output directory (default: the file's output_dir)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    args = parser.parse_args(argv)
+
+    from fgl_retinanet import experiment as runner
+
+    _quiet_tensorflow()
+    # The file, every run's config and the output tree are checked before anything trains.
+    try:
+        experiment = runner.load_experiment(args.experiment, args.out, args.overrides)
+        processes = experiment.processes if args.np is None else args.np
+        if processes < 1:
+            raise ConfigError(f"--np must be at least 1, got {processes}")
+        if processes > 1:
+            runner.horovodrun()
+        runner.survey(experiment)
+        problem = None
+        try:
+            runner.check_experiment(experiment)
+        except ConfigError as e:
+            if not args.dry_run:
+                raise
+            problem = e
+    except ConfigError as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return 2
+    print(runner.format_plan(experiment, processes), flush=True)
+    if args.dry_run:
+        if problem:
+            print(f"{prog}: this experiment cannot run yet: {problem}")
+        return 0
+
+    # Runs one after another in subprocesses; progress lines go to the console.
+    restore = _console_logging("fgl_retinanet.experiment")
+    try:
+        code = runner.run_experiment(experiment, processes)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        restore()
+    if code != 0:
+        return code
+    return _report(
+        prog, [run.directory for run in experiment.runs], experiment.output_dir / "report",
+        experiment.losses[0], experiment.noise_window,
+    )  # fmt: skip
+
+
+def compare_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fgl-compare",
+        description="Compare finished runs over seeds: tables, paired tests, noise, plots.",
+    )
+    parser.add_argument("runs", nargs="+", help="run directories, or directories holding runs")
+    parser.add_argument("--out", default="comparison", help="output directory")
+    parser.add_argument("--baseline", help="loss the others are compared with (default: focal)")
+    parser.add_argument(
+        "--noise-window", type=int, help="odd moving-average window in steps (default 25)"
+    )
+    args = parser.parse_args(argv)
+
+    from fgl_retinanet.report import NOISE_WINDOW, ReportError, find_runs
+
+    if args.noise_window is None:
+        args.noise_window = NOISE_WINDOW
+    if args.noise_window < 1 or args.noise_window % 2 == 0:
+        print("fgl-compare: --noise-window must be odd and positive", file=sys.stderr)
+        return 2
+    try:
+        runs = find_runs(args.runs)
+    except ReportError as e:
+        print(f"fgl-compare: {e}", file=sys.stderr)
+        return 2
+    return _report("fgl-compare", runs, Path(args.out), args.baseline, args.noise_window)
 
 
 def evaluate_main(argv=None) -> int:
@@ -263,6 +315,38 @@ def _run_inference(config, snapshot: Path, dataset, batch_size: int) -> dict:
     inference = build_inference_model(model, config)
     print(f"inference on {len(dataset)} images with {snapshot.name}")
     return detect(inference, dataset, config, batch_size=batch_size, progress=True)
+
+
+def _report(prog: str, runs, out: Path, baseline: str | None, noise_window: int) -> int:
+    from fgl_retinanet.report import ReportError, per_class_markdown, write_report
+
+    try:
+        report = write_report(runs, out, baseline=baseline, noise_window=noise_window)
+    except ReportError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    tables = "\n\n".join(per_class_markdown(report, other) for other in report["losses"][1:])
+    verdicts = "\n".join(f"- {sentence}" for sentence in report["verdicts"])
+    print(f"\n{tables}\n\n{verdicts}\n\nreport: {out / 'report.md'}")
+    return 0
+
+
+def _console_logging(name: str):
+    """Shows a library logger's INFO lines on stdout; returns a function that undoes it."""
+    target = logging.getLogger(name)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    previous = (target.level, target.propagate)
+    target.setLevel(logging.INFO)
+    target.propagate = False
+    target.addHandler(handler)
+
+    def restore():
+        target.removeHandler(handler)
+        target.setLevel(previous[0])
+        target.propagate = previous[1]
+
+    return restore
 
 
 def _quiet_tensorflow() -> None:

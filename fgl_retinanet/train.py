@@ -33,7 +33,11 @@ from fgl_retinanet.data import (
     make_generator,
     write_data_report,
 )
-from fgl_retinanet.evaluation import average_precisions_all, per_class_table
+from fgl_retinanet.evaluation import (
+    average_precisions_all,
+    coco_average_precision,
+    per_class_table,
+)
 from fgl_retinanet.losses import build_loss
 from fgl_retinanet.model import (
     build_inference_model,
@@ -161,7 +165,11 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
     # and finally the record of the epoch, which saves the state all of them produced.
     recorder = RunRecorder(context, config, out, train_batches, val_set, schedule, stopper)
     evaluator = Evaluator(context, config, val_set, build_inference_model(model, config))
-    callbacks = distributed.metric_averaging(context) + [schedule, evaluator, stopper, recorder]
+    # The step log is written before the snapshot, so a resumed run never keeps a gap.
+    steps = StepLossRecorder(context, config, out)
+    callbacks = distributed.metric_averaging(context) + [
+        schedule, evaluator, stopper, steps, recorder
+    ]
     if context.is_primary and config.train.tensorboard:
         callbacks.append(tf.keras.callbacks.TensorBoard(str(out / "tensorboard"), profile_batch=0))
 
@@ -283,6 +291,9 @@ class Evaluator(tf.keras.callbacks.Callback):
             "mAP_11point": by_metric["11point"]["mAP"],
             "per_class_11point": by_metric["11point"]["per_class"],
             "by_metric": by_metric,
+            # NOTE: kept until the next epoch so the final results can add COCO AP without a
+            # second inference pass (a few hundred MB on VOC val at 100 detections per image).
+            "detections": detections,
         }
 
 
@@ -380,6 +391,7 @@ class RunRecorder(tf.keras.callbacks.Callback):
             "mAP_11point": evaluation["mAP_11point"],
             "per_class_11point": evaluation["per_class_11point"],
             "best_mAP": max(maps) if maps else None,
+            **_coco_results(evaluator, evaluation["detections"]),
             "history": self.history,
             "train_seconds": round(seconds, 1),
             # What parsing fixed or left out, per split, with the files named.
@@ -420,12 +432,91 @@ class RunRecorder(tf.keras.callbacks.Callback):
         _atomic_write(folder / "latest.txt", stem + "\n")
 
 
+class StepLossRecorder(tf.keras.callbacks.Callback):
+    """Per-step losses in steps.csv (rank 0), for the training-noise statistics of fgl-compare.
+
+    Also logs the checksum of the initial weights when a run starts from epoch 0: paired runs
+    (same seed, different loss) must show the same one.
+
+    Columns: epoch (1-based), step (global, 1-based), loss, regression_loss,
+    classification_loss. Under Horovod the values are rank 0's own batches.
+    """
+
+    COLUMNS = ("epoch", "step", "loss", "regression_loss", "classification_loss")
+
+    def __init__(self, context, config: Config, out: Path):
+        super().__init__()
+        self.enabled = context.is_primary
+        self.path = Path(out) / "steps.csv"
+        self.classification_key = f"{classification_output_name(config)}_loss"
+        self.steps_per_epoch = 0
+        self._epoch = 0
+        self._first_epoch = True
+        self._previous = {}
+        self._rows = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._previous = {}
+        self._rows = []
+        if not self._first_epoch or not self.enabled:
+            return
+        self._first_epoch = False
+        self.steps_per_epoch = self.params.get("steps") or 0
+        if epoch == 0:
+            logger.info("checksum of the initial weights %s", weights_checksum(self.model))
+        # Rows past the resumed epoch belong to an epoch that runs again.
+        kept = []
+        if self.path.is_file():
+            with open(self.path) as f:
+                kept = [row for row in csv.DictReader(f) if int(row["epoch"]) <= epoch]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.enabled or not logs:
+            return
+        # Keras reports running means over the epoch; undo the mean to get this step's value.
+        # NOTE: float32 means make this exact to about step x 1e-7 x the loss.
+        row = {"epoch": self._epoch + 1, "step": self._epoch * self.steps_per_epoch + batch + 1}
+        for column, key in zip(self.COLUMNS[2:], ("loss", "regression_loss",
+                                                  self.classification_key)):  # fmt: skip
+            mean = logs.get(key)
+            if mean is None:
+                row[column] = ""
+                continue
+            mean = float(mean)
+            row[column] = (batch + 1) * mean - batch * self._previous.get(key, 0.0)
+            self._previous[key] = mean
+        self._rows.append(row)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.COLUMNS).writerows(self._rows)
+        self._rows = []
+
+
 def weights_checksum(model) -> str:
     """SHA-1 of every weight's bytes, in model order."""
     digest = hashlib.sha1()
     for weight in model.get_weights():
         digest.update(np.ascontiguousarray(weight).tobytes())
     return digest.hexdigest()
+
+
+def _coco_results(evaluator: "Evaluator", detections: dict) -> dict:
+    """COCO AP@[.5:.95], AP50, AP75 and per-class AP of the final detections."""
+    coco = coco_average_precision(evaluator.ground_truth, detections, evaluator.val_set.classes)
+    return {
+        "coco_AP": coco["AP"],
+        "coco_AP50": coco["AP50"],
+        "coco_AP75": coco["AP75"],
+        "per_class_coco": coco["per_class"],
+    }
 
 
 def _moving_statistics(model) -> list:

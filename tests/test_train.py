@@ -111,15 +111,16 @@ def test_bad_config_fails_before_training(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_reaches_the_target_map(tmp_path, capsys):
     # The README's demo exactly as configured: both losses must learn the shapes.
+    # It runs configs/experiments/demo.yaml through the experiment runner and its report.
     out = tmp_path / "demo"
     assert cli.demo_main(["--out", str(out)]) == 0
-    comparison = json.loads((out / "comparison.json").read_text())
-    for name in ("demo_focal", "demo_fgl"):
-        assert comparison["runs"][name]["mAP"] >= 0.5, comparison["runs"][name]
-        assert (out / name / "metrics.csv").is_file()
-    table = (out / "comparison.md").read_text()
-    assert "demo_focal" in table and "demo_fgl" in table and "difference" in table
-    assert "difference" in capsys.readouterr().out
+    report = json.loads((out / "report" / "report.json").read_text())
+    for run in report["runs"]:
+        assert run["metrics"]["mAP"] >= 0.5, run
+        assert (out / run["name"] / "metrics.csv").is_file()
+    assert {run["name"] for run in report["runs"]} == {"focal_seed0", "focal_gradient_seed0"}
+    assert "with n=1 there is no interval and no test" in (out / "report" / "report.md").read_text()
+    assert "FGL - FL" in capsys.readouterr().out
 
 
 def test_learning_rate_scaling_warmup_and_plateau():

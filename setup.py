@@ -24,6 +24,7 @@ setup(
             "fgl-train=fgl_retinanet.cli:train_main",
             "fgl-demo=fgl_retinanet.cli:demo_main",
             "fgl-evaluate=fgl_retinanet.cli:evaluate_main",
+            "fgl-plot=fgl_retinanet.cli:plot_main",
         ]
     },
 )

@@ -89,6 +89,7 @@ class TrainConfig:
     workers: int = 1  # keras data-loading threads; 0 loads batches in the training thread
     tensorboard: bool = True  # write TensorBoard event files
     threads: int = 0  # TensorFlow intra-op threads; 0 lets TensorFlow decide
+    diagnostics_every: int = 0  # gradient diagnostics every K steps (diagnostics.csv); 0: off
 
 
 @dataclass
@@ -305,6 +306,7 @@ def _check_choices(config: Config) -> None:
         "train.warmup_epochs": config.train.warmup_epochs,
         "train.reduce_lr_patience": config.train.reduce_lr_patience,
         "train.early_stopping_patience": config.train.early_stopping_patience,
+        "train.diagnostics_every": config.train.diagnostics_every,
     }
     for key, value in nonnegative.items():
         if value < 0:

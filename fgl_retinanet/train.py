@@ -27,6 +27,7 @@ from keras_retinanet.losses import smooth_l1
 from fgl_retinanet import distributed
 from fgl_retinanet.config import Config, resolve_path, save_config
 from fgl_retinanet.data import DataError, dataset_root, load_split, make_generator
+from fgl_retinanet.diagnostics import gradient_diagnostics
 from fgl_retinanet.evaluation import average_precisions_all, per_class_table
 from fgl_retinanet.losses import build_loss
 from fgl_retinanet.model import (
@@ -97,6 +98,8 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
         gamma=config.loss.gamma,
         from_logits=config.loss.from_logits,
     )
+    # Opt-in gradient statistics: with train.diagnostics_every 0 the loss comes back unchanged.
+    loss, diagnostics = gradient_diagnostics(config, loss, context, out)
 
     # Optimizer. NOTE: keras-retinanet passes Adam(lr=...), which TF 2.15 ignores (1e-3 then).
     schedule = LearningRateController(config, context.size, steps_per_epoch=len(train_batches))
@@ -149,6 +152,7 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
     recorder = RunRecorder(context, config, out, train_batches, val_set, schedule, stopper)
     evaluator = Evaluator(context, config, val_set, build_inference_model(model, config))
     callbacks = distributed.metric_averaging(context) + [schedule, evaluator, stopper, recorder]
+    callbacks += diagnostics
     if context.is_primary and config.train.tensorboard:
         callbacks.append(tf.keras.callbacks.TensorBoard(str(out / "tensorboard"), profile_batch=0))
 

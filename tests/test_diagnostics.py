@@ -175,11 +175,27 @@ def test_callback_records_the_trained_batches_every_k_steps(tmp_path):
         expected = batch_statistics(loss, y_true, batches[step - 1]).numpy()
         got = [float(row[name]) for name in STATISTICS]
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
-    assert list((tmp_path / "tensorboard" / "diagnostics").glob("events.out.tfevents.*"))
+    # TensorBoard holds the same numbers at the same steps.
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard" / "diagnostics")
+    for row in rows:
+        for name in ("grad_total", "residual_share", "count_neg_easy"):
+            logged = scalars[(f"diagnostics/{name}", int(row["step"]))]
+            assert logged == pytest.approx(float(row[name]), rel=1e-6)
     # The flag is down again after training: later calls pay nothing.
     assert not probe.record.numpy()
     parsed = analysis.read_diagnostics(tmp_path)
     np.testing.assert_array_equal(parsed["step"], [1, 4, 7])
+
+
+def _tensorboard_scalars(folder):
+    """{(tag, step): value} from every event file under `folder`."""
+    scalars = {}
+    for path in folder.glob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                scalars[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+    return scalars
 
 
 def test_resume_drops_rows_of_repeated_epochs(tmp_path):

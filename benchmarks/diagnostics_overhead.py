@@ -163,7 +163,8 @@ def main(argv=None) -> int:
     overhead_mean = summary["on"]["mean_ms"] / summary["off"]["mean_ms"] - 1.0
     # Amortised: the extra time of a recording step spread over K steps, plus what every step
     # of the "on" model pays over "off" (the flag read).
-    extra_recording = summary["on"]["recording_step_median_ms"] - summary["on"]["other_step_median_ms"]
+    on = summary["on"]
+    extra_recording = on["recording_step_median_ms"] - on["other_step_median_ms"]
     extra_every_step = summary["on"]["other_step_median_ms"] - off_median
     overhead_amortised = (extra_recording / args.every + extra_every_step) / off_median
     rows = len((work / "on" / "diagnostics.csv").read_text().splitlines()) - 1
@@ -174,16 +175,20 @@ def main(argv=None) -> int:
         "diagnostics_rows": rows, "load_before": load_before, "load_after": _uptime(),
     }  # fmt: skip
 
-    print(f"diagnostics every {args.every} steps, loss {args.loss}, {args.repeats} x "
-          f"{args.steps} steps per variant (interleaved), batch {config.train.batch_size}")  # fmt: skip
+    print(
+        f"diagnostics every {args.every} steps, loss {args.loss}, {args.repeats} x {args.steps} "
+        f"steps per variant (interleaved), batch {config.train.batch_size}"
+    )
     print("| variant | median step (ms) | mean step (ms) |")
     print("|:---|---:|---:|")
     for name in ("off", "on"):
         print(f"| {name} | {summary[name]['median_ms']:.1f} | {summary[name]['mean_ms']:.1f} |")
     print(f"| on, recording steps only | {summary['on']['recording_step_median_ms']:.1f} | |")
     print(f"| on, other steps only | {summary['on']['other_step_median_ms']:.1f} | |")
-    print(f"overhead on / off - 1: medians {100 * overhead_median:+.1f} %, means "
-          f"{100 * overhead_mean:+.1f} %, amortised from the split {100 * overhead_amortised:+.1f} %")
+    print(
+        f"overhead on / off - 1: medians {100 * overhead_median:+.1f} %, means "
+        f"{100 * overhead_mean:+.1f} %, amortised from the split {100 * overhead_amortised:+.1f} %"
+    )
     print(f"{rows} diagnostics rows written")
     print(f"load average before: {load_before}; after: {result['load_after']}")
     if args.json:

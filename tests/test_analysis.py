@@ -161,7 +161,8 @@ def test_the_training_losses_have_these_derivatives(gamma):
             with tf.GradientTape() as tape:
                 value = loss(y_true[index : index + 1], z)
             gradient = float(tape.gradient(value, z).numpy().ravel()[0])
-            assert gradient / (p[index] * (1 - p[index])) == pytest.approx(expected[index], rel=2e-4)
+            dl_dp = gradient / (p[index] * (1 - p[index]))
+            assert dl_dp == pytest.approx(expected[index], rel=2e-4)
 
 
 def test_losses_module_reexports_the_analysis_functions():

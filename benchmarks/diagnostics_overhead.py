@@ -8,10 +8,12 @@ process, with identical initial weights, through the same calls as `fgl_retinane
 "off" is what training runs with `train.diagnostics_every: 0`: the check below asserts that
 `gradient_diagnostics` then returns the very loss object it was given and no callback, so the
 compiled step is the one that ran before diagnostics existed. The two models then alternate
-short `fit` calls over the same in-memory batches; a step is timed from the first callback's
-`on_train_batch_begin` to the last callback's `on_train_batch_end`, so the diagnostics
-callback's own work (flag, reading the row, CSV and TensorBoard writes) is included. Batches
-are built before timing, so data loading, equal for both, does not dilute the ratio.
+single steps over the same in-memory batches (the order flips every step, so load drift hits
+both alike), each step driven as Keras' fit loop drives it: the callbacks'
+`on_train_batch_begin`, the compiled train function, a wait for its result, then
+`on_train_batch_end`; a step is timed across all of it, so the diagnostics callback's own work
+(flag, reading the row, CSV and TensorBoard writes) is included. Batches are built before
+timing, so data loading, equal for both, does not dilute the ratio.
 """
 
 import argparse
@@ -30,30 +32,11 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
 
-class _StepTimer:
-    """Two callbacks bracketing all others: `start` goes first, `stop` last."""
-
-    def __init__(self, tf):
-        timer = self
-        self.times = []
-        self._started = 0.0
-
-        class Start(tf.keras.callbacks.Callback):
-            def on_train_batch_begin(self, batch, logs=None):
-                timer._started = time.perf_counter()
-
-        class Stop(tf.keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                timer.times.append(time.perf_counter() - timer._started)
-
-        self.start, self.stop = Start(), Stop()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--every", type=int, default=10, help="K of train.diagnostics_every")
-    parser.add_argument("--repeats", type=int, default=6, help="alternating fit calls per variant")
-    parser.add_argument("--steps", type=int, default=20, help="steps per fit call")
+    parser.add_argument("--repeats", type=int, default=6, help="passes of --steps steps")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per pass")
     parser.add_argument("--loss", default="focal", help="loss.name")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
@@ -127,21 +110,44 @@ def main(argv=None) -> int:
         )
         models[name], callbacks[name] = model, extra
 
-    # Alternate short fits; the first pair traces the graphs and is left out.
+    # Alternate single steps between the variants (the order flips every step), driving each
+    # compiled train function and its callbacks as Keras' fit loop does. A "repeat" is one
+    # pass of steps + 1 batches as epoch 0; its batch 0 is not timed, and repeat 0 (graph
+    # tracing) is left out.
+    iterators = {name: iter(data) for name in models}
+    for name, model in models.items():
+        model.make_train_function()
+        for callback in callbacks[name]:
+            callback.set_model(model)
+            callback.set_params({"steps": args.steps + 1, "epochs": 1, "verbose": 0})
+            callback.on_train_begin()
     timers = {name: [] for name in models}
     order = list(models)
     for repeat in range(args.repeats + 1):
-        for name in order if repeat % 2 == 0 else reversed(order):
-            timer = _StepTimer(tf)
-            models[name].fit(
-                data, steps_per_epoch=args.steps, epochs=1, verbose=0,
-                callbacks=[timer.start, *callbacks[name], timer.stop],
-            )  # fmt: skip
-            if repeat > 0:
-                timers[name].append(timer.times)
+        times = {name: [] for name in models}
+        for name in models:
+            for callback in callbacks[name]:
+                callback.on_epoch_begin(0)
+        for batch in range(args.steps + 1):
+            for name in order if (repeat + batch) % 2 == 0 else reversed(order):
+                started = time.perf_counter()
+                for callback in callbacks[name]:
+                    callback.on_train_batch_begin(batch)
+                logs = models[name].train_function(iterators[name])
+                # Wait for the step as fit does before its batch-end callbacks.
+                logs = {key: float(value) for key, value in logs.items()}
+                for callback in callbacks[name]:
+                    callback.on_train_batch_end(batch, logs)
+                times[name].append(time.perf_counter() - started)
+        if repeat > 0:
+            for name in models:
+                timers[name].append(times[name][1:])
+    for name in models:
+        for callback in callbacks[name]:
+            callback.on_train_end()
 
-    # Steps 1, K + 1, ... of every fit call record; the others only pass the flag.
-    recorded = [(i % args.steps) % args.every == 0 for i in range(args.steps)]
+    # Batch b of a repeat is step b + 1, recorded when b % K == 0; batch 0 is not timed.
+    recorded = [batch % args.every == 0 for batch in range(1, args.steps + 1)]
     summary = {}
     for name, runs in timers.items():
         flat = [t for run in runs for t in run]
@@ -153,25 +159,37 @@ def main(argv=None) -> int:
         }
     # Under contention single steps can take several times their usual time, so the medians
     # carry the comparison; the means are shown for completeness.
-    on_runs = timers["on"]
-    recording = [t for run in on_runs for t, rec in zip(run, recorded) if rec]
-    other = [t for run in on_runs for t, rec in zip(run, recorded) if not rec]
-    summary["on"]["recording_step_median_ms"] = 1e3 * statistics.median(recording)
-    summary["on"]["other_step_median_ms"] = 1e3 * statistics.median(other)
+    # Amortised: on against off at the same positions of the passes, recording positions and
+    # the others apart, weighted by how often each occurs.
+    by_position = {}
+    for name, runs in timers.items():
+        for kind, wanted in (("recording", True), ("other", False)):
+            times = [t for run in runs for t, rec in zip(run, recorded) if rec == wanted]
+            by_position[(name, kind)] = statistics.median(times)
+            summary[name][f"{kind}_step_median_ms"] = 1e3 * by_position[(name, kind)]
+    share = sum(recorded) / len(recorded)
+    extra = share * (by_position[("on", "recording")] - by_position[("off", "recording")]) + (
+        1 - share
+    ) * (by_position[("on", "other")] - by_position[("off", "other")])
     off_median = summary["off"]["median_ms"]
     overhead_median = summary["on"]["median_ms"] / off_median - 1.0
     overhead_mean = summary["on"]["mean_ms"] / summary["off"]["mean_ms"] - 1.0
-    # Amortised: the extra time of a recording step spread over K steps, plus what every step
-    # of the "on" model pays over "off" (the flag read).
-    on = summary["on"]
-    extra_recording = on["recording_step_median_ms"] - on["other_step_median_ms"]
-    extra_every_step = summary["on"]["other_step_median_ms"] - off_median
-    overhead_amortised = (extra_recording / args.every + extra_every_step) / off_median
+    overhead_amortised = 1e3 * extra / off_median
+    # Paired: each on step against the off step run right next to it (same batch position).
+    pairs = [
+        (on, off)
+        for on_run, off_run in zip(timers["on"], timers["off"])
+        for on, off in zip(on_run, off_run)
+    ]
+    overhead_paired = statistics.fmean(on - off for on, off in pairs) / statistics.fmean(
+        off for _, off in pairs
+    )
     rows = len((work / "on" / "diagnostics.csv").read_text().splitlines()) - 1
     result = {
-        "every": args.every, "loss": args.loss, "steps_per_fit": args.steps,
+        "every": args.every, "loss": args.loss, "steps_per_pass": args.steps,
         "repeats": args.repeats, "variants": summary, "overhead_median": overhead_median,
         "overhead_mean": overhead_mean, "overhead_amortised": overhead_amortised,
+        "overhead_paired": overhead_paired,
         "diagnostics_rows": rows, "load_before": load_before, "load_after": _uptime(),
     }  # fmt: skip
 
@@ -183,11 +201,14 @@ def main(argv=None) -> int:
     print("|:---|---:|---:|")
     for name in ("off", "on"):
         print(f"| {name} | {summary[name]['median_ms']:.1f} | {summary[name]['mean_ms']:.1f} |")
-    print(f"| on, recording steps only | {summary['on']['recording_step_median_ms']:.1f} | |")
-    print(f"| on, other steps only | {summary['on']['other_step_median_ms']:.1f} | |")
+    for name in ("off", "on"):
+        recording_ms = summary[name]["recording_step_median_ms"]
+        print(f"| {name}, recording positions | {recording_ms:.1f} | |")
+        print(f"| {name}, other positions | {summary[name]['other_step_median_ms']:.1f} | |")
     print(
         f"overhead on / off - 1: medians {100 * overhead_median:+.1f} %, means "
-        f"{100 * overhead_mean:+.1f} %, amortised from the split {100 * overhead_amortised:+.1f} %"
+        f"{100 * overhead_mean:+.1f} %, amortised by position {100 * overhead_amortised:+.1f} %, "
+        f"paired steps (mean difference / mean off) {100 * overhead_paired:+.1f} %"
     )
     print(f"{rows} diagnostics rows written")
     print(f"load average before: {load_before}; after: {result['load_after']}")

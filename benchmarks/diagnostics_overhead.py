@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     for name, runs in timers.items():
         for kind, wanted in (("recording", True), ("other", False)):
             times = [t for run in runs for t, rec in zip(run, recorded) if rec == wanted]
-            by_position[(name, kind)] = statistics.median(times)
+            # With K = 1 every position records: no "other" positions exist.
+            by_position[(name, kind)] = statistics.median(times) if times else 0.0
             summary[name][f"{kind}_step_median_ms"] = 1e3 * by_position[(name, kind)]
     share = sum(recorded) / len(recorded)
     extra = share * (by_position[("on", "recording")] - by_position[("off", "recording")]) + (

@@ -107,6 +107,31 @@ def test_total_gradient_equals_the_losss_own_autodiff(loss_class):
     assert row["grad_total"] == pytest.approx(autodiff, rel=1e-5)
 
 
+@pytest.mark.parametrize("loss_class", [FocalLoss, FocalGradientLoss])
+def test_probability_mode_matches_the_chain_rule_through_the_sigmoid(loss_class):
+    # keras-retinanet's probability head: dL/dz = dL/dp * p (1 - p), and clipped (saturated)
+    # probabilities get no gradient at all, which the statistics must show too.
+    y_true, logits = _hand_batch()
+    probabilities = tf.Variable(tf.sigmoid(logits))
+    loss = loss_class(alpha=ALPHA, gamma=2.0, from_logits=False)
+    with tf.GradientTape() as tape:
+        value = loss(y_true, probabilities)
+    p = probabilities.numpy()
+    # The ignored anchor holds NaN; the loss gives it no gradient.
+    chain = np.nan_to_num(tape.gradient(value, probabilities).numpy() * p * (1 - p))
+    row = dict(zip(STATISTICS, batch_statistics(loss, y_true, probabilities).numpy()))
+    assert row["grad_total"] == pytest.approx(np.abs(chain).sum(), rel=1e-4)
+    assert row["saturated"] == 2
+    logit_row = dict(zip(STATISTICS, batch_statistics(
+        loss_class(alpha=ALPHA, gamma=2.0), y_true, logits
+    ).numpy()))  # fmt: skip
+    # Only the saturated elements differ between the two modes: the confidently wrong negative
+    # (logit 17) keeps its full gradient alpha_t (1 - p_t)^3 / 3 positives = 0.25 from logits and
+    # loses it to clipping from probabilities; the easy one (logit -20) had almost none.
+    lost = logit_row["grad_total"] - row["grad_total"]
+    assert lost == pytest.approx((1 - ALPHA) / 3, rel=1e-4)
+
+
 def test_probe_keeps_value_and_gradient_and_records_only_when_flagged():
     y_true, logits = _hand_batch()
     loss = FocalLoss(alpha=ALPHA, gamma=2.0)

@@ -19,6 +19,7 @@ timing, so data loading, equal for both, does not dilute the ratio.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -186,6 +187,7 @@ def main(argv=None) -> int:
         off for _, off in pairs
     )
     rows = len((work / "on" / "diagnostics.csv").read_text().splitlines()) - 1
+    shutil.rmtree(work, ignore_errors=True)
     result = {
         "every": args.every, "loss": args.loss, "steps_per_pass": args.steps,
         "repeats": args.repeats, "variants": summary, "overhead_median": overhead_median,

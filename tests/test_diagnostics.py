@@ -152,6 +152,10 @@ def test_probe_keeps_value_and_gradient_and_records_only_when_flagged():
     expected = batch_statistics(loss, y_true, logits).numpy()
     np.testing.assert_allclose(probe.statistics.numpy(), expected, rtol=1e-6)
 
+    # Serialisable like the losses it wraps.
+    rebuilt = GradientProbe.from_config(probe.get_config())
+    assert type(rebuilt.loss) is FocalLoss and rebuilt.loss.get_config() == loss.get_config()
+
 
 def _config(every: int, tensorboard: bool = True):
     return SimpleNamespace(train=SimpleNamespace(diagnostics_every=every, tensorboard=tensorboard))

@@ -27,6 +27,7 @@ setup(
             "fgl-check-data=fgl_retinanet.cli:check_data_main",
             "fgl-experiment=fgl_retinanet.cli:experiment_main",
             "fgl-compare=fgl_retinanet.cli:compare_main",
+            "fgl-plot=fgl_retinanet.cli:plot_main",
         ]
     },
 )

@@ -8,6 +8,9 @@
     fgl-evaluate runs/voc2012_fgl --root data/VOCdevkit/VOC2012 --split val
     fgl-evaluate --detections runs/voc2012_fgl/eval_val/detections.json --root ... --split val
     fgl-check-data --root data/VOCdevkit/VOC2012 --split trainval --json data_report.json
+
+
+    fgl-plot losses --gamma 1 2 --out figures
 """
 
 import argparse
@@ -21,6 +24,7 @@ from pathlib import Path
 from fgl_retinanet.config import (
     ConfigError,
     load_config,
+    resolve_path,
     validate_paths,
 )
 
@@ -289,6 +293,44 @@ def check_data_main(argv=None) -> int:
     verdict = "training can proceed" if can_train else "training cannot proceed (see above)"
     print(f"{len(reports)} split(s) checked: {verdict}")
     return 0 if can_train else 1
+
+
+def plot_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fgl-plot", description="Figures of the losses, without TensorFlow."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    losses = commands.add_parser(
+        "losses",
+        help="objectives (CE, FL, effective FGL) and gradients (CE', FL', FGL', |R|) over p",
+    )
+    losses.add_argument("--gamma", type=float, nargs="+", default=[1.0, 2.0], help="gammas")
+    losses.add_argument("--out", default="figures", help="output directory")
+    losses.add_argument("--points", type=int, default=200, help="grid p = k/points, k=1..points")
+    args = parser.parse_args(argv)
+
+    if any(not gamma >= 0.0 for gamma in args.gamma) or args.points < 2:
+        print("fgl-plot: gamma must be >= 0 and --points at least 2", file=sys.stderr)
+        return 2
+    from fgl_retinanet import analysis
+
+    written = analysis.write_loss_figures(resolve_path(args.out), args.gamma, args.points)
+
+    # The values the post's figures show, at one probability, to check the curves by eye.
+    p = 0.05
+    print(f"at p = {p} (alpha 1, derivatives d/dp):")
+    print("| gamma | FL | effective FGL | FL' | FGL' | abs(R) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for gamma in args.gamma:
+        print(
+            f"| {gamma:g} | {analysis.focal_loss_value(p, gamma):.4f} "
+            f"| {analysis.effective_focal_gradient_loss(p, gamma):.4f} "
+            f"| {analysis.focal_loss_derivative(p, gamma):.2f} "
+            f"| {analysis.focal_gradient_loss_derivative(p, gamma):.2f} "
+            f"| {abs(analysis.focal_gradient_residual(p, gamma)):.2f} |"
+        )
+    print(f"\nwrote {', '.join(sorted(written))} in {resolve_path(args.out)}")
+    return 0
 
 
 def _locate_run(source: Path) -> tuple[Path, Path]:

@@ -90,6 +90,7 @@ class TrainConfig:
     tensorboard: bool = True  # write TensorBoard event files
     threads: int = 0  # TensorFlow intra-op threads; 0 lets TensorFlow decide
     pin_cpus: bool = True  # Horovod on CPU: bind each local rank to its own share of cores
+    diagnostics_every: int = 0  # gradient diagnostics every K steps (diagnostics.csv); 0: off
 
 
 @dataclass
@@ -306,6 +307,7 @@ def _check_choices(config: Config) -> None:
         "train.warmup_epochs": config.train.warmup_epochs,
         "train.reduce_lr_patience": config.train.reduce_lr_patience,
         "train.early_stopping_patience": config.train.early_stopping_patience,
+        "train.diagnostics_every": config.train.diagnostics_every,
     }
     for key, value in nonnegative.items():
         if value < 0:

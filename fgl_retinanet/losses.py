@@ -255,3 +255,12 @@ def focal_gradient_loss(
 ) -> FocalGradientLoss:
     """Returns a `FocalGradientLoss`; see its docstring for the arguments."""
     return FocalGradientLoss(alpha=alpha, gamma=gamma, from_logits=from_logits)
+
+
+# The effective FGL objective and FL's residual over p, exact for any gamma >= 0. They live in
+# the TensorFlow-free analysis module (fgl-plot runs without TensorFlow) and are re-exported here
+# next to the losses they describe.
+from fgl_retinanet.analysis import (  # noqa: E402, F401
+    effective_focal_gradient_loss,
+    focal_gradient_residual,
+)

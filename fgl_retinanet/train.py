@@ -33,6 +33,7 @@ from fgl_retinanet.data import (
     make_generator,
     write_data_report,
 )
+from fgl_retinanet.diagnostics import gradient_diagnostics
 from fgl_retinanet.evaluation import (
     average_precisions_all,
     coco_average_precision,
@@ -109,6 +110,8 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
         gamma=config.loss.gamma,
         from_logits=config.loss.from_logits,
     )
+    # Opt-in gradient statistics: with train.diagnostics_every 0 the loss comes back unchanged.
+    loss, diagnostics = gradient_diagnostics(config, loss, context, out)
 
     # Optimizer. NOTE: keras-retinanet passes Adam(lr=...), which TF 2.15 ignores (1e-3 then).
     schedule = LearningRateController(config, context.size, steps_per_epoch=len(train_batches))
@@ -170,6 +173,7 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
     callbacks = distributed.metric_averaging(context) + [
         schedule, evaluator, stopper, steps, recorder
     ]
+    callbacks += diagnostics
     if context.is_primary and config.train.tensorboard:
         callbacks.append(tf.keras.callbacks.TensorBoard(str(out / "tensorboard"), profile_batch=0))
 

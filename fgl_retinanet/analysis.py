@@ -214,6 +214,14 @@ def read_diagnostics(path: Path) -> dict[str, np.ndarray]:
 
 
 def plot_diagnostics(runs_by_loss: dict[str, list[Path]], out_png: Path) -> Path:
+    """Writes `diagnostics_figure(runs_by_loss)` to `out_png` and returns `out_png`."""
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    diagnostics_figure(runs_by_loss).savefig(out_png, dpi=110)
+    return out_png
+
+
+def diagnostics_figure(runs_by_loss: dict[str, list[Path]]):
     """Draws the gradient diagnostics of several losses side by side, one column per loss.
 
     Rows: the summed |dL/dlogit| of positive and of negative elements, the share of each from
@@ -223,10 +231,9 @@ def plot_diagnostics(runs_by_loss: dict[str, list[Path]], out_png: Path) -> Path
 
     Args:
         runs_by_loss: {label, e.g. "focal": [run directory or diagnostics.csv, ...]}.
-        out_png: the figure to write.
 
     Returns:
-        `out_png`.
+        A matplotlib Figure (not managed by pyplot).
 
     Raises:
         ValueError: when `runs_by_loss` is empty or a label has no runs.
@@ -281,10 +288,7 @@ def plot_diagnostics(runs_by_loss: dict[str, list[Path]], out_png: Path) -> Path
                     axis.legend(loc="best", fontsize="small")
             axis.grid(alpha=0.3)
         axes[-1, column].set_xlabel("training step")
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=110)
-    return out_png
+    return figure
 
 
 def _probabilities(p) -> np.ndarray:

@@ -64,6 +64,17 @@ def register_run_csv_plot(filename: str) -> Callable:
     return decorator
 
 
+@register_run_csv_plot("diagnostics.csv")
+def _diagnostics_plot(present: dict):
+    """Gradient diagnostics (train.diagnostics_every), one column per loss, seeds banded."""
+    from fgl_retinanet.analysis import diagnostics_figure
+
+    runs_by_loss = {}
+    for run, _ in present.values():
+        runs_by_loss.setdefault(run.loss, []).append(run.directory)
+    return diagnostics_figure(runs_by_loss)
+
+
 class ReportError(ValueError):
     """Runs that cannot be compared, reported as one line."""
 
@@ -614,7 +625,8 @@ def _run_csv_plots(runs: Sequence[RunRecord], out: Path, plt) -> list[dict]:
         if figure is None:
             continue
         file = f"{Path(filename).stem}.png"
-        figure.tight_layout()
+        if figure.get_layout_engine() is None:
+            figure.tight_layout()
         figure.savefig(out / file, dpi=110)
         plt.close(figure)
         plots.append({"file": file, "caption": f"{filename} of {len(present)} runs"})

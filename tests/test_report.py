@@ -287,6 +287,29 @@ def test_registered_per_run_csv_plots_are_drawn_and_embedded(six_runs, tmp_path,
     assert "](diagnostics.png)" in result["markdown"]
 
 
+def test_gradient_diagnostics_are_plotted_per_loss(six_runs, tmp_path):
+    # The registered diagnostics.csv plotter: one column per loss, the seeds of a loss banded.
+    import csv
+
+    from fgl_retinanet import analysis
+
+    rng = np.random.default_rng(0)
+    for name in ("focal_seed0", "focal_seed1", "focal_gradient_seed0"):
+        with open(six_runs / name / "diagnostics.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(analysis.DIAGNOSTIC_COLUMNS)
+            for step in range(1, 41, 10):
+                writer.writerow([1, step, *rng.uniform(0.1, 1, len(analysis.DIAGNOSTIC_COLUMNS) - 2)])
+    result = report.write_report(report.find_runs([six_runs]), tmp_path / "out")
+    png = tmp_path / "out" / "diagnostics.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "](diagnostics.png)" in result["markdown"]
+    # Two loss columns side by side: wider than tall per column (5 in per column at 110 dpi).
+    from PIL import Image
+
+    assert Image.open(png).size[0] == pytest.approx(2 * 5.0 * 110, abs=2)
+
+
 def test_a_single_loss_is_described_but_not_compared(tmp_path):
     root = tmp_path / "runs"
     runs = [make_run(root, "focal", 0), make_run(root, "focal", 1)]

@@ -257,14 +257,15 @@ class FocalLoss(tf.keras.losses.Loss):
             else:
                 weight = alpha_weight * tf.exp(-gamma * tf.nn.softplus(-minus_z_t))
             # reduce_sum adds pairwise; a MatMul dot product drifts by 1e-5 over 6M terms.
-            value = tf.reduce_sum(weight * minus_log_p_t)
+            element_loss = weight * minus_log_p_t
+            value = tf.reduce_sum(element_loss)
 
             def gradient(upstream: tf.Tensor) -> tf.Tensor:
                 # d(-log p_t)/dz_t = -(1 - p_t); FL adds the derivative of the factor,
                 # d((1 - p_t)**gamma)/dz_t = -gamma * p_t * (1 - p_t)**gamma, times -log(p_t).
                 slope = _times_sigmoid(weight, minus_z_t)
                 if differentiate_factor and gamma != 0.0:
-                    slope += gamma * _times_sigmoid(weight * minus_log_p_t, -minus_z_t)
+                    slope += gamma * _times_sigmoid(element_loss, -minus_z_t)
                 # dL/dz is dL/dz_t times the sign of z in z_t; ignored anchors have weight 0.
                 return (upstream * flip) * slope
 

@@ -89,6 +89,8 @@ class TrainConfig:
     workers: int = 1  # keras data-loading threads; 0 loads batches in the training thread
     tensorboard: bool = True  # write TensorBoard event files
     threads: int = 0  # TensorFlow intra-op threads; 0 lets TensorFlow decide
+    mixed_precision: bool = False  # experimental: float16 compute, float32 losses, loss scaling
+    jit_compile: bool = False  # experimental: XLA-compile the train step (model.compile)
 
 
 @dataclass

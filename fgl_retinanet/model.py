@@ -83,6 +83,8 @@ def build_training_model(config, num_classes: int) -> keras.Model:
             create_pyramid_features=pyramid,
             modifier=modifier,
         )
+    if keras.mixed_precision.global_policy().compute_dtype != "float32":
+        model = _float32_outputs(model)
     return model
 
 
@@ -166,6 +168,22 @@ def _flat_layers(model: keras.Model) -> list:
     return list(model.layers)
 
 
+def _float32_outputs(model: keras.Model) -> keras.Model:
+    """Returns the model with each output cast to float32 under its original name.
+
+    Under mixed precision the heads compute in float16; the losses, the sigmoid and the box
+    decoding need float32 (box coordinates up to 1333 px have a 1 px step in float16).
+    """
+    outputs = []
+    for tensor in model.outputs:
+        layer = tensor._keras_history.layer
+        name = layer.name
+        # The loss dictionary and snapshots address outputs by name: the cast takes it over.
+        layer._name = f"{name}_compute"
+        outputs.append(keras.layers.Activation("linear", dtype="float32", name=name)(tensor))
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
 def build_inference_model(training_model: keras.Model, config) -> keras.Model:
     """Wraps a training model (sharing its weights) with sigmoid, box decoding and NMS.
 
@@ -173,17 +191,26 @@ def build_inference_model(training_model: keras.Model, config) -> keras.Model:
         A model from images to [boxes (batch, max_detections, 4), scores, labels], padded with
         score -1 where fewer detections remain.
     """
-    regression, classification = training_model.outputs[:2]
-    if config.loss.from_logits:
-        probabilities = keras.layers.Activation("sigmoid", name=PROBABILITY_OUTPUT)(classification)
-        training_model = keras.Model(training_model.inputs, [regression, probabilities])
-    return kr_retinanet.retinanet_bbox(
-        model=training_model,
-        anchor_params=anchor_parameters(config.model.anchor_sizes),
-        nms_threshold=config.eval.nms_threshold,
-        score_threshold=config.eval.score_threshold,
-        max_detections=config.eval.max_detections,
-    )
+    # The layers added here (sigmoid, anchors, box decoding, NMS) compute in float32 whatever
+    # the training precision: the policy is only consulted when a layer is created.
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        regression, classification = training_model.outputs[:2]
+        if config.loss.from_logits:
+            probabilities = keras.layers.Activation("sigmoid", name=PROBABILITY_OUTPUT)(
+                classification
+            )
+            training_model = keras.Model(training_model.inputs, [regression, probabilities])
+        return kr_retinanet.retinanet_bbox(
+            model=training_model,
+            anchor_params=anchor_parameters(config.model.anchor_sizes),
+            nms_threshold=config.eval.nms_threshold,
+            score_threshold=config.eval.score_threshold,
+            max_detections=config.eval.max_detections,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def detect(

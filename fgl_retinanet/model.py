@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 import tensorflow as tf
+from keras_retinanet import layers as kr_layers
 from keras_retinanet import models as kr_models
 from keras_retinanet.models import retinanet as kr_retinanet
 from keras_retinanet.utils.image import preprocess_image, resize_image
@@ -61,6 +62,11 @@ def build_training_model(config, num_classes: int) -> keras.Model:
         )
     submodels = [("regression", regression), (classification_output_name(config), classification)]
     pyramid = functools.partial(_pyramid_features, feature_size=width)
+
+    # XLA has no kernel for the gradient of keras-retinanet's nearest-neighbour upsampling;
+    # the same upsampling written as gathers compiles (and gives the same values).
+    if config.train.jit_compile:
+        pyramid = functools.partial(_with_gather_upsampling, pyramid)
 
     # Backbone: keras-retinanet's (ResNet and others) or our small CPU one.
     modifier = freeze_model if config.model.freeze_backbone else None
@@ -166,6 +172,35 @@ def _matching_layers(model: keras.Model, path: str) -> tuple[int, int]:
 def _flat_layers(model: keras.Model) -> list:
     # Submodels (the heads) are saved as one h5 group holding all their layers' weights.
     return list(model.layers)
+
+
+class GatherUpsampleLike(kr_layers.UpsampleLike):
+    """keras-retinanet's `UpsampleLike` as two gathers, which XLA can differentiate.
+
+    The indices are those of TF1's nearest-neighbour resize that `UpsampleLike` calls
+    (no align_corners, no half-pixel centres): ``min(floor(i * in / out), in - 1)``.
+    """
+
+    def call(self, inputs, **kwargs):
+        source, target = inputs
+        for axis in (1, 2):
+            size_in = tf.shape(source)[axis]
+            size_out = tf.shape(target)[axis]
+            scale = tf.cast(size_in, tf.float32) / tf.cast(size_out, tf.float32)
+            index = tf.cast(tf.floor(tf.cast(tf.range(size_out), tf.float32) * scale), tf.int32)
+            source = tf.gather(source, tf.minimum(index, size_in - 1), axis=axis)
+        return source
+
+
+def _with_gather_upsampling(create_pyramid_features, *args, **kwargs):
+    # NOTE: keras-retinanet's pyramid function looks `layers.UpsampleLike` up when it runs, so
+    # swapping the module attribute for the call changes only the layers built here.
+    original = kr_retinanet.layers.UpsampleLike
+    kr_retinanet.layers.UpsampleLike = GatherUpsampleLike
+    try:
+        return create_pyramid_features(*args, **kwargs)
+    finally:
+        kr_retinanet.layers.UpsampleLike = original
 
 
 def _float32_outputs(model: keras.Model) -> keras.Model:

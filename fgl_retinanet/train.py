@@ -104,19 +104,7 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
 
     # Optimizer. NOTE: keras-retinanet passes Adam(lr=...), which TF 2.15 ignores (1e-3 then).
     schedule = LearningRateController(config, context.size, steps_per_epoch=len(train_batches))
-    optimizer = tf.keras.optimizers.legacy.Adam(
-        learning_rate=schedule.rate(0), clipnorm=config.train.clipnorm
-    )
-    model.compile(
-        optimizer=distributed.wrap_optimizer(
-            context, optimizer, loss_scaling=config.train.mixed_precision
-        ),
-        loss={
-            "regression": smooth_l1(config.loss.regression_sigma),
-            classification_output_name(config): loss,
-        },
-        jit_compile=config.train.jit_compile,
-    )
+    compile_training_model(model, config, context, loss, learning_rate=schedule.rate(0))
     # Create the Adam moments now, so they can be restored and broadcast before step one.
     model.optimizer._create_all_weights(model.trainable_variables)
 
@@ -175,6 +163,27 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
     results = recorder.final_results(time.time() - started, evaluator)
     distributed.barrier(context)
     return results
+
+
+def compile_training_model(model, config: Config, context, loss, learning_rate: float) -> None:
+    """Compiles the training model with its losses and optimizer, as every run does.
+
+    Args:
+        loss: the classification loss, from `build_loss`.
+    """
+    optimizer = tf.keras.optimizers.legacy.Adam(
+        learning_rate=learning_rate, clipnorm=config.train.clipnorm
+    )
+    model.compile(
+        optimizer=distributed.wrap_optimizer(
+            context, optimizer, loss_scaling=config.train.mixed_precision
+        ),
+        loss={
+            "regression": smooth_l1(config.loss.regression_sigma),
+            classification_output_name(config): loss,
+        },
+        jit_compile=config.train.jit_compile,
+    )
 
 
 class LearningRateController(tf.keras.callbacks.Callback):

@@ -132,6 +132,10 @@ def test_short_run_matches_float32(short_runs, name):
     for row, expected in zip(run["history"], reference["history"]):
         for key in ("loss", "regression_loss", "classification_loss"):
             assert np.isfinite(row[key]), (name, key)
-            # Same seed, same initial weights and batches: only rounding separates the runs.
-            assert row[key] == pytest.approx(expected[key], rel=0.1), (name, key, row["epoch"])
+            # Same seed, same initial weights and batches: only rounding separates the runs
+            # (measured: XLA equal to 4 decimals, float16 within 0.03 %).
+            assert row[key] == pytest.approx(expected[key], rel=0.01), (name, key, row["epoch"])
+    # NOTE: two steps leave the mAP of all three runs near 0, so this bounds only gross errors
+    # of the evaluation path (float16 weights, float32 box decoding); the losses above are the
+    # real check.
     assert abs(run["mAP"] - reference["mAP"]) <= 0.05

@@ -4,7 +4,8 @@
 
 The VOC configuration (ResNet-50 with random weights, 256-channel FPN and heads, batch 1) on
 images of the shared VOC2007 sample, resized to 800 px on the short side by our pipeline. Each
-part is timed on its own, median of `--repeats` after one untimed call, all in one process:
+part is timed on its own, median of `--repeats` after one untimed call (the backbone and
+the whole network alternating), all in one process:
 
 - input: `VocSequence.build_batch` for one image (read, augment, resize, normalise) minus the
   anchor targets, which are timed alone (keras-retinanet's anchor_targets_bbox via our
@@ -50,6 +51,19 @@ def timed(function, repeats: int) -> float:
         function()
         samples.append(time.perf_counter() - started)
     return statistics.median(samples)
+
+
+def interleaved(functions: list, repeats: int) -> list:
+    """Median seconds of each function, calls alternating so that load drifts hit all alike."""
+    for function in functions:
+        function()
+    samples = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, times in zip(functions, samples):
+            started = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - started)
+    return [statistics.median(times) for times in samples]
 
 
 def gradient_step(model, outputs_to_loss):
@@ -99,8 +113,9 @@ def main(argv=None) -> int:
     backbone_step = gradient_step(backbone, total)
     network_step = gradient_step(model, total)
     batch = tf.constant(images)
-    backbone_seconds = timed(lambda: backbone_step(batch), args.repeats)
-    network_seconds = timed(lambda: network_step(batch), args.repeats)
+    backbone_seconds, network_seconds = interleaved(
+        [lambda: backbone_step(batch), lambda: network_step(batch)], args.repeats
+    )
 
     # Losses on the network's outputs, forward + backward with respect to them.
     outputs = [tf.constant(o) for o in model.predict_on_batch(images)]

@@ -1,6 +1,7 @@
 """Mixed precision and XLA: the models they build, and short training runs against float32."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -139,3 +140,27 @@ def test_short_run_matches_float32(short_runs, name):
     # of the evaluation path (float16 weights, float32 box decoding); the losses above are the
     # real check.
     assert abs(run["mAP"] - reference["mAP"]) <= 0.05
+
+
+def test_loss_scaling_wraps_horovods_optimizer():
+    # A stand-in for horovod.tensorflow.keras: records what it wrapped, returns a legacy Adam.
+    wrapped, returned = [], []
+
+    def distributed_optimizer(optimizer):
+        wrapped.append(optimizer)
+        returned.append(tf.keras.optimizers.legacy.Adam())
+        return returned[-1]
+
+    context = distributed.Context(rank=0, size=2, hvd=SimpleNamespace(
+        DistributedOptimizer=distributed_optimizer
+    ))  # fmt: skip
+    adam = tf.keras.optimizers.legacy.Adam(1e-3)
+
+    optimizer = distributed.wrap_optimizer(context, adam, loss_scaling=True)
+
+    # LossScaleOptimizer(DistributedOptimizer(Adam)): the loss scaler outside, Horovod inside.
+    assert wrapped == [adam]
+    assert isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+    assert optimizer.inner_optimizer is returned[0]
+    # Without mixed precision, Horovod's optimizer alone.
+    assert distributed.wrap_optimizer(context, adam) is returned[1]

@@ -4,8 +4,8 @@
 
 The VOC configuration (ResNet-50 with random weights, 256-channel FPN and heads, batch 1) on
 images of the shared VOC2007 sample, resized to 800 px on the short side by our pipeline. Each
-part is timed on its own, median of `--repeats` after one untimed call (the backbone and
-the whole network alternating), all in one process:
+part is timed on its own, median of `--repeats` after one untimed call (the backbone, the
+whole network and the real step alternating), all in one process:
 
 - input: `VocSequence.build_batch` for one image (read, augment, resize, normalise) minus the
   anchor targets, which are timed alone (keras-retinanet's anchor_targets_bbox via our
@@ -113,9 +113,6 @@ def main(argv=None) -> int:
     backbone_step = gradient_step(backbone, total)
     network_step = gradient_step(model, total)
     batch = tf.constant(images)
-    backbone_seconds, network_seconds = interleaved(
-        [lambda: backbone_step(batch), lambda: network_step(batch)], args.repeats
-    )
 
     # Losses on the network's outputs, forward + backward with respect to them.
     outputs = [tf.constant(o) for o in model.predict_on_batch(images)]
@@ -135,10 +132,13 @@ def main(argv=None) -> int:
 
     loss_seconds = timed(lambda: loss_step(*outputs), args.repeats)
 
-    # The real step, compiled as fgl-train compiles it.
+    # The real step, compiled as fgl-train compiles it, alternating with the two stand-ins.
     compile_training_model(model, config, distributed.Context(), classification_loss,
                            config.train.base_lr)  # fmt: skip
-    step_seconds = timed(lambda: model.train_on_batch(images, list(targets)), args.repeats)
+    backbone_seconds, network_seconds, step_seconds = interleaved([
+        lambda: backbone_step(batch), lambda: network_step(batch),
+        lambda: model.train_on_batch(images, list(targets)),
+    ], args.repeats)  # fmt: skip
 
     parts = {
         "input (read, augment, resize, normalise)": input_seconds - target_seconds,

@@ -74,10 +74,11 @@ class FocalLoss(tf.keras.losses.Loss):
     every anchor that is not ignored, then divided by the number of positive anchors in the whole
     batch (at least 1).
 
-    From logits the loss uses ``log(p_t) = log_sigmoid(z_t)`` and
-    ``(1 - p_t)**gamma = exp(gamma * log_sigmoid(-z_t))``, where ``z_t`` is the logit signed by the
-    label; both stay finite, with finite gradients, for any finite logit and any ``gamma >= 0``,
-    including ``gamma < 1`` where ``pow`` has an infinite derivative at ``p_t = 1``.
+    From logits the loss uses ``-log(p_t) = softplus(-z_t)`` and ``(1 - p_t)**gamma`` from
+    ``sigmoid(-z_t)``, where ``z_t`` is the logit signed by the label, with a hand-written
+    gradient (one fused kernel set, see `_logit_loss`); value and gradient stay finite for any
+    finite logit and any ``gamma >= 0``, including ``gamma < 1`` where ``pow`` has an infinite
+    derivative at ``p_t = 1``.
 
     Example:
         >>> loss = FocalLoss(alpha=0.25, gamma=2.0)

@@ -76,7 +76,7 @@ class FocalLoss(tf.keras.losses.Loss):
 
     From logits the loss uses ``-log(p_t) = softplus(-z_t)`` and ``(1 - p_t)**gamma`` from
     ``sigmoid(-z_t)``, where ``z_t`` is the logit signed by the label, with a hand-written
-    gradient (one fused kernel set, see `_logit_loss`); value and gradient stay finite for any
+    gradient (see `_logit_loss`); value and gradient stay finite for any
     finite logit and any ``gamma >= 0``, including ``gamma < 1`` where ``pow`` has an infinite
     derivative at ``p_t = 1``.
 

@@ -109,7 +109,10 @@ def main(argv=None) -> int:
     backbone_outputs = [model.get_layer(name).output for name in
                         ("res3d_relu", "res4f_relu", "res5c_relu")]  # fmt: skip
     backbone = tf.keras.Model(model.inputs, backbone_outputs)
-    total = lambda outputs: tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in outputs])  # noqa: E731
+
+    def total(outputs):
+        return tf.add_n([tf.reduce_sum(tf.cast(output, tf.float32)) for output in outputs])
+
     backbone_step = gradient_step(backbone, total)
     network_step = gradient_step(model, total)
     batch = tf.constant(images)

@@ -91,6 +91,8 @@ class TrainConfig:
     threads: int = 0  # TensorFlow intra-op threads; 0 lets TensorFlow decide
     pin_cpus: bool = True  # Horovod on CPU: bind each local rank to its own share of cores
     diagnostics_every: int = 0  # gradient diagnostics every K steps (diagnostics.csv); 0: off
+    mixed_precision: bool = False  # experimental: float16 compute, float32 losses, loss scaling
+    jit_compile: bool = False  # experimental: XLA-compile the train step (model.compile)
 
 
 @dataclass

@@ -111,8 +111,11 @@ def _bind_to_core_share(local_rank: int, local_size: int) -> list:
     return sorted(cores)
 
 
-def wrap_optimizer(context: Context, optimizer):
-    """Horovod: average gradients across ranks before every update.
+def wrap_optimizer(context: Context, optimizer, loss_scaling: bool = False):
+    """Horovod: average gradients across ranks before every update; optionally scale the loss.
+
+    Args:
+        loss_scaling: wrap in Keras' dynamic LossScaleOptimizer (for mixed precision).
 
     Raises:
         TypeError: for optimizers other than tf.keras.optimizers.legacy ones, the family this
@@ -125,9 +128,29 @@ def wrap_optimizer(context: Context, optimizer):
             f"{type(optimizer).__name__} is not a tf.keras.optimizers.legacy optimizer; with "
             "TF 2.15 and Horovod 0.28.1 this project uses the legacy optimizers"
         )
-    if not context.distributed:
-        return optimizer
-    return context.hvd.DistributedOptimizer(optimizer)
+    if context.distributed:
+        optimizer = context.hvd.DistributedOptimizer(optimizer)
+    if loss_scaling:
+        # Horovod: the loss scaler goes outside, LossScaleOptimizer(DistributedOptimizer(Adam)).
+        # Its gradient step calls the inner optimizer's, which all-reduces the scaled gradients,
+        # so every rank unscales the same sums, sees the same Inf/NaN and skips the same steps
+        # with the same loss scale. The other nesting fails in Horovod 0.28.1, whose wrapper
+        # subclasses the wrapped optimizer's class (horovod/horovod issues 2989 and 3807).
+        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def check_jit_compile(context: Context) -> None:
+    """Horovod: refuses XLA training under horovodrun unless Horovod's XLA ops are enabled.
+
+    Raises:
+        RuntimeError: at start-up rather than when the first step is compiled.
+    """
+    if context.distributed and os.environ.get("HOROVOD_ENABLE_XLA_OPS") != "1":
+        raise RuntimeError(
+            "train.jit_compile=true under horovodrun needs Horovod's XLA all-reduce: set "
+            "HOROVOD_ENABLE_XLA_OPS=1 (GPU builds of Horovod) or train.jit_compile=false"
+        )
 
 
 def metric_averaging(context: Context) -> list:

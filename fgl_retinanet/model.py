@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 import tensorflow as tf
+from keras_retinanet import layers as kr_layers
 from keras_retinanet import models as kr_models
 from keras_retinanet.models import retinanet as kr_retinanet
 from keras_retinanet.utils.image import preprocess_image, resize_image
@@ -62,6 +63,11 @@ def build_training_model(config, num_classes: int) -> keras.Model:
     submodels = [("regression", regression), (classification_output_name(config), classification)]
     pyramid = functools.partial(_pyramid_features, feature_size=width)
 
+    # XLA has no kernel for the gradient of keras-retinanet's nearest-neighbour upsampling;
+    # the same upsampling written as gathers compiles (and gives the same values).
+    if config.train.jit_compile:
+        pyramid = functools.partial(_with_gather_upsampling, pyramid)
+
     # Backbone: keras-retinanet's (ResNet and others) or our small CPU one.
     modifier = freeze_model if config.model.freeze_backbone else None
     if config.model.backbone == "tiny":
@@ -83,6 +89,8 @@ def build_training_model(config, num_classes: int) -> keras.Model:
             create_pyramid_features=pyramid,
             modifier=modifier,
         )
+    if keras.mixed_precision.global_policy().compute_dtype != "float32":
+        model = _float32_outputs(model)
     return model
 
 
@@ -166,6 +174,51 @@ def _flat_layers(model: keras.Model) -> list:
     return list(model.layers)
 
 
+class GatherUpsampleLike(kr_layers.UpsampleLike):
+    """keras-retinanet's `UpsampleLike` as two gathers, which XLA can differentiate.
+
+    The indices are those of TF1's nearest-neighbour resize that `UpsampleLike` calls
+    (no align_corners, no half-pixel centres): ``min(floor(i * in / out), in - 1)``.
+    """
+
+    def call(self, inputs, **kwargs):
+        source, target = inputs
+        for axis in (1, 2):
+            size_in = tf.shape(source)[axis]
+            size_out = tf.shape(target)[axis]
+            scale = tf.cast(size_in, tf.float32) / tf.cast(size_out, tf.float32)
+            index = tf.cast(tf.floor(tf.cast(tf.range(size_out), tf.float32) * scale), tf.int32)
+            source = tf.gather(source, tf.minimum(index, size_in - 1), axis=axis)
+        return source
+
+
+def _with_gather_upsampling(create_pyramid_features, *args, **kwargs):
+    # NOTE: keras-retinanet's pyramid function looks `layers.UpsampleLike` up when it runs, so
+    # swapping the module attribute for the call changes only the layers built here.
+    original = kr_retinanet.layers.UpsampleLike
+    kr_retinanet.layers.UpsampleLike = GatherUpsampleLike
+    try:
+        return create_pyramid_features(*args, **kwargs)
+    finally:
+        kr_retinanet.layers.UpsampleLike = original
+
+
+def _float32_outputs(model: keras.Model) -> keras.Model:
+    """Returns the model with each output cast to float32 under its original name.
+
+    Under mixed precision the heads compute in float16; the losses, the sigmoid and the box
+    decoding need float32 (box coordinates up to 1333 px have a 1 px step in float16).
+    """
+    outputs = []
+    for tensor in model.outputs:
+        layer = tensor._keras_history.layer
+        name = layer.name
+        # The loss dictionary and snapshots address outputs by name: the cast takes it over.
+        layer._name = f"{name}_compute"
+        outputs.append(keras.layers.Activation("linear", dtype="float32", name=name)(tensor))
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
 def build_inference_model(training_model: keras.Model, config) -> keras.Model:
     """Wraps a training model (sharing its weights) with sigmoid, box decoding and NMS.
 
@@ -173,17 +226,26 @@ def build_inference_model(training_model: keras.Model, config) -> keras.Model:
         A model from images to [boxes (batch, max_detections, 4), scores, labels], padded with
         score -1 where fewer detections remain.
     """
-    regression, classification = training_model.outputs[:2]
-    if config.loss.from_logits:
-        probabilities = keras.layers.Activation("sigmoid", name=PROBABILITY_OUTPUT)(classification)
-        training_model = keras.Model(training_model.inputs, [regression, probabilities])
-    return kr_retinanet.retinanet_bbox(
-        model=training_model,
-        anchor_params=anchor_parameters(config.model.anchor_sizes),
-        nms_threshold=config.eval.nms_threshold,
-        score_threshold=config.eval.score_threshold,
-        max_detections=config.eval.max_detections,
-    )
+    # The layers added here (sigmoid, anchors, box decoding, NMS) compute in float32 whatever
+    # the training precision: the policy is only consulted when a layer is created.
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        regression, classification = training_model.outputs[:2]
+        if config.loss.from_logits:
+            probabilities = keras.layers.Activation("sigmoid", name=PROBABILITY_OUTPUT)(
+                classification
+            )
+            training_model = keras.Model(training_model.inputs, [regression, probabilities])
+        return kr_retinanet.retinanet_bbox(
+            model=training_model,
+            anchor_params=anchor_parameters(config.model.anchor_sizes),
+            nms_threshold=config.eval.nms_threshold,
+            score_threshold=config.eval.score_threshold,
+            max_detections=config.eval.max_detections,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def detect(

@@ -65,13 +65,17 @@ def train(config: Config, resume: Path | None = None) -> dict:
     context = distributed.init()
     out = Path(resume) if resume else run_dir(config)
     restore_logging = _setup_logging(context, out)
+    # The dtype policy is process-wide in Keras: this run's choice is undone when it returns.
+    policy = tf.keras.mixed_precision.global_policy()
     try:
+        _experimental_options(config, context)
         return _train(config, resume, context, out)
     except Exception as e:
         # The reason a run stopped belongs in its log file too, not only on the console.
         logger.error("stopped: %s: %s", type(e).__name__, e, extra={"file_only": True})
         raise
     finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
         restore_logging()
 
 
@@ -115,16 +119,7 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
 
     # Optimizer. NOTE: keras-retinanet passes Adam(lr=...), which TF 2.15 ignores (1e-3 then).
     schedule = LearningRateController(config, context.size, steps_per_epoch=len(train_batches))
-    optimizer = tf.keras.optimizers.legacy.Adam(
-        learning_rate=schedule.rate(0), clipnorm=config.train.clipnorm
-    )
-    model.compile(
-        optimizer=distributed.wrap_optimizer(context, optimizer),
-        loss={
-            "regression": smooth_l1(config.loss.regression_sigma),
-            classification_output_name(config): loss,
-        },
-    )
+    compile_training_model(model, config, context, loss, learning_rate=schedule.rate(0))
     # Create the Adam moments now, so they can be restored and broadcast before step one.
     model.optimizer._create_all_weights(model.trainable_variables)
 
@@ -193,6 +188,27 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
     results = recorder.final_results(time.time() - started, evaluator)
     distributed.barrier(context)
     return results
+
+
+def compile_training_model(model, config: Config, context, loss, learning_rate: float) -> None:
+    """Compiles the training model with its losses and optimizer, as every run does.
+
+    Args:
+        loss: the classification loss, from `build_loss`.
+    """
+    optimizer = tf.keras.optimizers.legacy.Adam(
+        learning_rate=learning_rate, clipnorm=config.train.clipnorm
+    )
+    model.compile(
+        optimizer=distributed.wrap_optimizer(
+            context, optimizer, loss_scaling=config.train.mixed_precision
+        ),
+        loss={
+            "regression": smooth_l1(config.loss.regression_sigma),
+            classification_output_name(config): loss,
+        },
+        jit_compile=config.train.jit_compile,
+    )
 
 
 class LearningRateController(tf.keras.callbacks.Callback):
@@ -571,6 +587,22 @@ def _epoch_stream(batches, initial_epoch: int, config: Config, num_classes: int)
         lambda: ((images, tuple(targets)) for images, targets in generate()),
         output_signature=signature,
     ).prefetch(1)
+
+
+def _experimental_options(config: Config, context) -> None:
+    """Warns about experimental speed options and applies the precision policy for this run."""
+    if config.train.jit_compile:
+        distributed.check_jit_compile(context)
+        logger.warning(
+            "train.jit_compile is experimental: the train step is compiled with XLA, once per "
+            "input shape (images of a new size recompile)"
+        )
+    if config.train.mixed_precision:
+        logger.warning(
+            "train.mixed_precision is experimental: layers compute in float16 (fast on GPUs with "
+            "tensor cores, slow on CPUs), losses in float32, with dynamic loss scaling"
+        )
+        tf.keras.mixed_precision.set_global_policy("mixed_float16")
 
 
 def _load_split(root: Path, split: str, config: Config) -> "VocDataset":

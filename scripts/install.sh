@@ -31,7 +31,8 @@ $pip install -q --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
 # 1. TensorFlow and the pinned stack. The constraints keep numpy<2 and opencv-python<4.11:
 #    keras-retinanet asks for any opencv-python, and the newest needs numpy 2, which breaks TF.
 echo "install: $TF_PACKAGE==$TF_VERSION and pinned requirements"
-$pip install -q "$TF_PACKAGE==$TF_VERSION" -r requirements/base.txt -c requirements/constraints.txt
+$pip install -q "$TF_PACKAGE==$TF_VERSION" -r requirements/base.txt -r requirements/dev.txt \
+  -c requirements/constraints.txt
 
 # 2. keras-retinanet compiles a Cython extension against the numpy installed above.
 echo "install: keras-retinanet 1.0.0"

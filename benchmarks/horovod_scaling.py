@@ -38,6 +38,11 @@ COMMON = [
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--image-size", type=int, default=128,
+        help="resize the toy images to this side (128: the demo; larger: more compute per step)",
+    )  # fmt: skip
+    parser.add_argument("--train-images", type=int, default=480, help="toy training images")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--allreduce-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -47,7 +52,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "scaling_runs"
-    epochs = [f"train.epochs={args.epochs}", f"train.output_dir={runs}"]
+    epochs = [
+        f"train.epochs={args.epochs}", f"train.output_dir={runs}",
+        f"data.image_min_side={args.image_size}", f"data.image_max_side={args.image_size}",
+        f"data.toy.num_train={args.train_images}", f"data.root={out / 'toy_data'}",
+    ]  # fmt: skip
 
     # One process, one thread, batch 8: bound to one core, and free to use both.
     one_core = {sorted(os.sched_getaffinity(0))[0]}
@@ -60,9 +69,16 @@ def main(argv=None) -> int:
     _run([*double, "train.run_name=two_bound", "train.pin_cpus=true"])
     _run([*double, "train.run_name=two_unbound", "train.pin_cpus=false"])
     allreduce = _run([*hvd, sys.executable, __file__, "--allreduce-only"])
+    # The same two halves without Horovod: two independent processes at batch 4, each bound to
+    # its own core, at the same time. What they lose against one_bound is the hardware's share
+    # (shared cache and memory bandwidth) plus the smaller batch, not communication.
+    _run_together([[*single[:-1], "train.batch_size=4", f"train.run_name=alone_{core}"]
+                   for core in sorted(os.sched_getaffinity(0))[:2]])  # fmt: skip
 
     seconds = {name: _steady_epoch_seconds(runs / name)
                for name in ("one_bound", "one_unbound", "two_bound", "two_unbound")}  # fmt: skip
+    halves = [_steady_epoch_seconds(run) for run in sorted(runs.glob("alone_*"))]
+    seconds["two_independent_bound"] = max(halves)
     steps = _steps(runs / "two_bound")
     # horovodrun prefixes each line with the rank, e.g. "[0]<stdout>:{...}".
     (line,) = [x for x in allreduce.stdout.splitlines() if '"allreduce_ms"' in x]
@@ -72,12 +88,15 @@ def main(argv=None) -> int:
         "epoch_seconds": {name: round(t, 2) for name, t in seconds.items()},
         "scaling_efficiency": {
             f"{two} vs {one}": round(seconds[one] / (2 * seconds[two]), 3)
-            for one in ("one_bound", "one_unbound") for two in ("two_bound", "two_unbound")
+            for one in ("one_bound", "one_unbound")
+            for two in ("two_bound", "two_unbound", "two_independent_bound")
         },  # fmt: skip
         "steps_per_epoch": steps,
         "step_ms_two_bound": round(step_ms, 1),
         "allreduce_ms_per_step": round(allreduce_ms, 1),
         "allreduce_share": round(allreduce_ms / step_ms, 3),
+        "image_size": args.image_size,
+        "train_images": args.train_images,
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
     }
@@ -92,6 +111,20 @@ def _run(command, cores=None):
     if result.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     return result
+
+
+def _run_together(commands) -> None:
+    # Command i runs bound to core i; all start at once and must all succeed.
+    cores = sorted(os.sched_getaffinity(0))
+    processes = [
+        subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda core=core: os.sched_setaffinity(0, {core}))
+        for core, command in zip(cores, commands)
+    ]  # fmt: skip
+    for command, process in zip(commands, processes):
+        _, errors = process.communicate()
+        if process.returncode != 0:
+            sys.exit(f"failed: {' '.join(command)}\n{errors[-2000:]}")
 
 
 def _rows(run: Path) -> list[dict]:

@@ -191,19 +191,30 @@ def save_config(config: Config, path: Path) -> None:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
 
-def _load_yaml_chain(path: Path, seen: tuple = ()) -> dict:
-    path = find_config(path)
-    if path.resolve() in seen:
-        raise ConfigError(f"config {path} inherits from itself through _base_")
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """Reads a YAML file that must hold a mapping (empty: {}); any problem is one ConfigError.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message, e.g. "config" or "experiment".
+    """
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping at the top level")
+        raise ConfigError(f"{what} {path} must be a mapping at the top level")
+    return data
+
+
+def _load_yaml_chain(path: Path, seen: tuple = ()) -> dict:
+    path = find_config(path)
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} inherits from itself through _base_")
+    data = read_yaml_mapping(path, "config")
 
     # A child states only its differences from the base.
     base = data.pop("_base_", None)

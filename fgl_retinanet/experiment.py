@@ -28,6 +28,7 @@ from fgl_retinanet.config import (
     ConfigError,
     find_config,
     load_config,
+    read_yaml_mapping,
     resolve_path,
     validate_paths,
 )
@@ -109,15 +110,7 @@ def load_experiment(
         ConfigError: one line naming the file and the problem.
     """
     file = find_config(path)
-    try:
-        with open(file) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read experiment {file}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{file} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"experiment {file} must be a mapping at the top level")
+    raw = read_yaml_mapping(file, "experiment")
 
     # Shape of the file: known keys, right types, no duplicates.
     unknown = sorted(set(raw) - set(EXPERIMENT_KEYS))

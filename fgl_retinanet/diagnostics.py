@@ -163,7 +163,12 @@ def batch_statistics(loss: FocalLoss, y_true: tf.Tensor, y_pred: tf.Tensor) -> t
     valid = tf.broadcast_to(valid, tf.shape(labels))
     y_pred = tf.where(valid, y_pred, 0.0 if loss.from_logits else 0.5)
     is_positive = tf.greater(labels, LABEL_CUTOFF)
-    log_p_t, log_one_minus_p_t = loss._log_probabilities(is_positive, y_pred)
+    if loss.from_logits:
+        # The same p_t as the loss's logit path: sigmoid of the logit signed by the label.
+        z_t = tf.where(is_positive, y_pred, -y_pred)
+        log_p_t, log_one_minus_p_t = tf.math.log_sigmoid(z_t), tf.math.log_sigmoid(-z_t)
+    else:
+        log_p_t, log_one_minus_p_t = loss._log_probabilities(is_positive, y_pred)
     alpha_t = tf.where(is_positive, loss.alpha, 1.0 - loss.alpha)
     p_t = tf.exp(log_p_t)
 

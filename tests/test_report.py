@@ -299,7 +299,8 @@ def test_gradient_diagnostics_are_plotted_per_loss(six_runs, tmp_path):
             writer = csv.writer(f)
             writer.writerow(analysis.DIAGNOSTIC_COLUMNS)
             for step in range(1, 41, 10):
-                writer.writerow([1, step, *rng.uniform(0.1, 1, len(analysis.DIAGNOSTIC_COLUMNS) - 2)])
+                values = rng.uniform(0.1, 1, len(analysis.DIAGNOSTIC_COLUMNS) - 2)
+                writer.writerow([1, step, *values])
     result = report.write_report(report.find_runs([six_runs]), tmp_path / "out")
     png = tmp_path / "out" / "diagnostics.png"
     assert png.read_bytes()[:4] == b"\x89PNG"

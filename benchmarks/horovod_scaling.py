@@ -10,7 +10,9 @@ epoch time (epochs after the first, which includes graph tracing; no evaluation)
 
 Two baselines: the single process bound to one core (what "1 x 1 thread" means: the second
 core is what the second rank adds), and unbound, where its loader thread spreads onto the idle
-second core. Two-process runs with and without `train.pin_cpus` show what binding changes.
+second core. Two-process runs with and without `train.pin_cpus` show what binding changes, and
+runs with other Horovod cycle times (`--cycle-ms`, e.g. 1, Horovod's own default) what our CPU
+default cycle (`distributed.CPU_CYCLE_TIME_MS`) changes.
 
 The all-reduce share is measured separately under horovodrun: the time to average tensors of
 exactly the model's gradient shapes (grouped, as Horovod's tensor fusion does), divided by the
@@ -44,10 +46,15 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument("--train-images", type=int, default=480, help="toy training images")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--allreduce-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cycle-ms", default="1",
+        help="comma-separated Horovod cycle times for extra bound two-rank runs ('' for none)",
+    )  # fmt: skip
+    parser.add_argument("--allreduce-only", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.allreduce_only:
-        return _allreduce_worker()
+    if args.allreduce_only is not None:
+        return _allreduce_worker(args.allreduce_only)
+    cycles = [float(c) for c in args.cycle_ms.split(",") if c.strip()]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,15 +75,19 @@ def main(argv=None) -> int:
     double = [*hvd, str(BIN / "fgl-train"), *COMMON, *epochs, "train.batch_size=4"]
     _run([*double, "train.run_name=two_bound", "train.pin_cpus=true"])
     _run([*double, "train.run_name=two_unbound", "train.pin_cpus=false"])
-    allreduce = _run([*hvd, sys.executable, __file__, "--allreduce-only"])
+    for cycle in cycles:
+        name = f"two_bound_cycle{cycle:g}"
+        _run([*double, f"train.run_name={name}", f"train.horovod_cycle_ms={cycle}"])
+    allreduce = _run([*hvd, sys.executable, __file__, "--allreduce-only", "0"])
     # The same two halves without Horovod: two independent processes at batch 4, each bound to
     # its own core, at the same time. What they lose against one_bound is the hardware's share
     # (shared cache and memory bandwidth) plus the smaller batch, not communication.
     _run_together([[*single[:-1], "train.batch_size=4", f"train.run_name=alone_{core}"]
                    for core in sorted(os.sched_getaffinity(0))[:2]])  # fmt: skip
 
+    two_runs = ["two_bound", "two_unbound", *(f"two_bound_cycle{c:g}" for c in cycles)]
     seconds = {name: _steady_epoch_seconds(runs / name)
-               for name in ("one_bound", "one_unbound", "two_bound", "two_unbound")}  # fmt: skip
+               for name in ("one_bound", "one_unbound", *two_runs)}  # fmt: skip
     # Each independent process reads the whole list at batch 4, twice one rank's share of an
     # epoch: half its epoch time is the time for the same work as one Horovod rank.
     halves = [_steady_epoch_seconds(run) / 2 for run in sorted(runs.glob("alone_*"))]
@@ -91,10 +102,11 @@ def main(argv=None) -> int:
         "scaling_efficiency": {
             f"{two} vs {one}": round(seconds[one] / (2 * seconds[two]), 3)
             for one in ("one_bound", "one_unbound")
-            for two in ("two_bound", "two_unbound", "two_independent_bound")
+            for two in (*two_runs, "two_independent_bound")
         },  # fmt: skip
         "steps_per_epoch": steps,
         "step_ms_two_bound": round(step_ms, 1),
+        "horovod_cycle_ms_default": _cycle_time(runs / "two_bound"),
         "allreduce_ms_per_step": round(allreduce_ms, 1),
         "allreduce_share": round(allreduce_ms / step_ms, 3),
         "image_size": args.image_size,
@@ -141,19 +153,30 @@ def _steady_epoch_seconds(run: Path) -> float:
     return times[len(times) // 2]
 
 
+def _cycle_time(run: Path) -> str:
+    # The cycle each rank logs at start (the CPU default unless the environment set one).
+    for line in (run / "log.txt").read_text().splitlines():
+        if "Horovod cycle " in line:
+            return line.split("Horovod cycle ")[1].split(" ms")[0]
+    return "Horovod's default"
+
+
 def _steps(run: Path) -> int:
     row = _rows(run)[0]
     return -(-int(row["images_seen"]) // int(row["global_batch"]))
 
 
-def _allreduce_worker() -> int:
+def _allreduce_worker(cycle_ms: float) -> int:
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
     sys.path.insert(0, str(ROOT))
     from fgl_retinanet.config import load_config
+    from fgl_retinanet.distributed import _set_cycle_time
     from fgl_retinanet.model import build_training_model
 
+    # The same coordination cycle as the training runs (train.horovod_cycle_ms=cycle_ms).
+    _set_cycle_time(cycle_ms)
     hvd.init()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     config = load_config(ROOT / "configs" / "demo_fgl.yaml")

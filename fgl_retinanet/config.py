@@ -90,6 +90,7 @@ class TrainConfig:
     tensorboard: bool = True  # write TensorBoard event files
     threads: int = 0  # TensorFlow intra-op threads; 0 lets TensorFlow decide
     pin_cpus: bool = True  # Horovod on CPU: bind each local rank to its own share of cores
+    horovod_cycle_ms: float = 0.0  # HOROVOD_CYCLE_TIME; 0: environment, else 20 on CPU-only hosts
     diagnostics_every: int = 0  # gradient diagnostics every K steps (diagnostics.csv); 0: off
     mixed_precision: bool = False  # experimental: float16 compute, float32 losses, loss scaling
     jit_compile: bool = False  # experimental: XLA-compile the train step (model.compile)
@@ -321,6 +322,7 @@ def _check_choices(config: Config) -> None:
         "train.reduce_lr_patience": config.train.reduce_lr_patience,
         "train.early_stopping_patience": config.train.early_stopping_patience,
         "train.diagnostics_every": config.train.diagnostics_every,
+        "train.horovod_cycle_ms": config.train.horovod_cycle_ms,
     }
     for key, value in nonnegative.items():
         if value < 0:

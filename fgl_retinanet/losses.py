@@ -15,6 +15,9 @@ import tensorflow as tf
 # Labels above this value mark the class as present; keras-retinanet uses the same cutoff.
 LABEL_CUTOFF = 0.5
 
+# The smallest normal float32: sigmoid flushes to 0 below it, and log(0) would be -inf.
+_SMALLEST_NORMAL = 1.1754944e-38
+
 # Anchor states in the last column of keras-retinanet's classification target.
 STATE_IGNORE = -1.0
 STATE_POSITIVE = 1.0
@@ -74,11 +77,11 @@ class FocalLoss(tf.keras.losses.Loss):
     every anchor that is not ignored, then divided by the number of positive anchors in the whole
     batch (at least 1).
 
-    From logits the loss uses ``-log(p_t) = softplus(-z_t)`` and ``(1 - p_t)**gamma`` from
-    ``sigmoid(-z_t)``, where ``z_t`` is the logit signed by the label, with a hand-written
-    gradient (see `_logit_loss`); value and gradient stay finite for any
-    finite logit and any ``gamma >= 0``, including ``gamma < 1`` where ``pow`` has an infinite
-    derivative at ``p_t = 1``.
+    From logits the loss uses ``p_t = sigmoid(z_t)``, where ``z_t`` is the logit signed by the
+    label, with a hand-written gradient (see `_logit_loss`); value and gradient stay finite for
+    any finite logit and any ``gamma >= 0``, including ``gamma < 1`` where ``pow`` has an infinite
+    derivative at ``p_t = 1``. The value of an element is exact while ``z_t >= -87.3`` (the
+    float32 range of ``sigmoid``) and counts ``87.3 * alpha_t`` beyond; gradients are exact.
 
     Example:
         >>> loss = FocalLoss(alpha=0.25, gamma=2.0)
@@ -221,6 +224,11 @@ class FocalLoss(tf.keras.losses.Loss):
         ``dL/dz_t = -alpha_t * (1 - p_t)**gamma * ((1 - p_t) + gamma * p_t * log(1 / p_t))``
         for FL, and without the ``gamma`` term for FGL.
 
+        ``p_t`` is floored at float32's smallest normal number, so an element whose logit is
+        more than 87.3 on the wrong side counts ``87.3 * alpha_t`` in the value instead of
+        ``|z_t| * alpha_t``; its gradient stays exact (``alpha_t / N``). Such logits only occur
+        in a diverged model.
+
         Args:
             is_positive: (batch, anchors, classes) bool, True where the label is 1.
             valid: (batch, anchors, 1) float32, 0 for ignored anchors and 1 otherwise.
@@ -230,45 +238,60 @@ class FocalLoss(tf.keras.losses.Loss):
         Returns:
             () float32 loss.
         """
-        alpha, gamma, differentiate_factor = self.alpha, self.gamma, self.differentiate_factor
+        gamma, differentiate_factor = self.gamma, self.differentiate_factor
+        fl_term = differentiate_factor and gamma != 0.0
+        # Gamma 2 (the paper's and the post's) gets one-pass kernels: with A = -2 * alpha_t,
+        # ReciprocalGrad(y, A) = -A * y**2 gives 2 * alpha_t * (1 - p_t)**2 (twice the weight,
+        # which is exactly what FL's extra gradient term needs) and RsqrtGrad(y, A) =
+        # -A / 2 * y**3 gives the cross-entropy slope alpha_t * (1 - p_t)**3.
+        fast = gamma == 2.0
+        scale = -2.0 if fast else 1.0
 
-        # Each line below is one pass over (batch, anchors, classes) elements, so there are as
-        # few as the maths allows. flip is -1 for the label 1 and +1 for 0: -z_t = flip * z.
-        flip = tf.where(is_positive, -1.0, 1.0)
-
-        # alpha_t, the ignore mask and the normaliser in one weight per element.
-        alpha_weight = tf.where(is_positive, alpha, 1.0 - alpha) * (valid / normalizer)
+        # Each op below is one pass over (batch, anchors, classes) elements (TensorFlow runs
+        # every op as its own loop on CPU), so there are as few as the maths allows.
+        # sign is +1 for the label 1, -1 for 0 and 0 where ignored: z_t = sign * z.
+        sign = tf.where(is_positive, valid, -valid)
+        alpha_weight = tf.where(
+            is_positive, (scale * self.alpha) * valid, (scale * (1.0 - self.alpha)) * valid
+        )
 
         @tf.custom_gradient
         def loss(z: tf.Tensor) -> tf.Tensor:
             # multiply_no_nan gives 0 for ignored anchors even where their logit is NaN or
-            # infinite, so garbage there reaches neither the value nor the gradient.
-            minus_z_t = tf.math.multiply_no_nan(z, valid) * flip
+            # infinite, so garbage there reaches neither the value nor the gradient (their
+            # weight is 0).
+            z_t = tf.math.multiply_no_nan(z, sign)
+            # The floor keeps log(p_t) finite where sigmoid underflows (z_t below -87.3).
+            p_t = tf.maximum(tf.sigmoid(z_t), _SMALLEST_NORMAL)
+            one_minus_p_t = 1.0 - p_t
 
-            # -log(p_t) = softplus(-z_t) stays finite for any finite logit, where
-            # log(sigmoid(z_t)) would saturate to log(0). Written out, as max(x, 0) +
-            # log1p(exp(-|x|)), it takes two thirds of the time of TensorFlow's Softplus kernel
-            # on CPU and agrees with it to a few float32 roundings.
-            minus_log_p_t = tf.nn.relu(minus_z_t) + tf.math.log1p(tf.exp(-tf.abs(minus_z_t)))
-
-            # weight = alpha_t * (1 - p_t)**gamma / normaliser, 0 where ignored.
-            if gamma == 2.0:
-                # SoftplusGrad(g, x) is g * sigmoid(x) in one pass: twice gives (1 - p_t)**2.
-                weight = _times_sigmoid(_times_sigmoid(alpha_weight, minus_z_t), minus_z_t)
+            # weight = alpha_t * (1 - p_t)**gamma, times 2 for gamma 2; 0 where ignored.
+            if fast:
+                weight = tf.raw_ops.ReciprocalGrad(y=one_minus_p_t, dy=alpha_weight)
+            elif gamma == 0.0:
+                weight = alpha_weight
+            elif gamma == 1.0:
+                weight = alpha_weight * one_minus_p_t
             else:
-                weight = alpha_weight * tf.exp(-gamma * tf.nn.softplus(-minus_z_t))
+                weight = alpha_weight * tf.exp(tf.math.xlogy(gamma, one_minus_p_t))
+            # xlogy is weight * log(p_t) in one pass, the element loss times -abs(scale).
+            log_term = tf.math.xlogy(weight, p_t)
             # reduce_sum adds pairwise; a MatMul dot product drifts by 1e-5 over 6M terms.
-            element_loss = weight * minus_log_p_t
-            value = tf.reduce_sum(element_loss)
+            value = tf.reduce_sum(log_term) * (-1.0 / (abs(scale) * normalizer))
 
             def gradient(upstream: tf.Tensor) -> tf.Tensor:
-                # d(-log p_t)/dz_t = -(1 - p_t); FL adds the derivative of the factor,
-                # d((1 - p_t)**gamma)/dz_t = -gamma * p_t * (1 - p_t)**gamma, times -log(p_t).
-                slope = _times_sigmoid(weight, minus_z_t)
-                if differentiate_factor and gamma != 0.0:
-                    slope += gamma * _times_sigmoid(element_loss, -minus_z_t)
-                # dL/dz is dL/dz_t times the sign of z in z_t; ignored anchors have weight 0.
-                return (upstream * flip) * slope
+                # -dL/dz_t: the cross-entropy slope (1 - p_t) times the weight, plus for FL
+                # gamma * p_t * (1 - p_t)**gamma * -log(p_t) (= -p_t * log_term for gamma 2).
+                if fast:
+                    slope = tf.raw_ops.RsqrtGrad(y=one_minus_p_t, dy=alpha_weight)
+                    if fl_term:
+                        slope -= p_t * log_term
+                else:
+                    slope = weight * one_minus_p_t
+                    if fl_term:
+                        slope -= gamma * (p_t * log_term)
+                # dL/dz = sign * dL/dz_t; ignored anchors have sign 0.
+                return (slope * sign) * (-upstream / normalizer)
 
             return value, gradient
 
@@ -309,11 +332,6 @@ class FocalGradientLoss(FocalLoss):
         """
         # Stopping only the factor keeps the gradient of -alpha_t * log(p_t) flowing.
         return tf.stop_gradient(super()._modulating_factor(log_one_minus_p_t))
-
-
-def _times_sigmoid(values: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    """Returns values * sigmoid(logits) in one pass (the kernel of softplus' gradient)."""
-    return tf.raw_ops.SoftplusGrad(gradients=values, features=logits)
 
 
 def focal_loss(alpha: float = 0.25, gamma: float = 2.0, from_logits: bool = True) -> FocalLoss:

@@ -62,7 +62,7 @@ def run_dir(config: Config) -> Path:
 
 def train(config: Config, resume: Path | None = None) -> dict:
     """Trains one run and returns its results (also written to results.json on rank 0)."""
-    context = distributed.init()
+    context = distributed.init(config.train.horovod_cycle_ms)
     out = Path(resume) if resume else run_dir(config)
     restore_logging = _setup_logging(context, out)
     # The dtype policy is process-wide in Keras: this run's choice is undone when it returns.
@@ -86,8 +86,9 @@ def _train(config: Config, resume: Path | None, context, out: Path) -> dict:
     # Horovod: the same seed on every rank gives the same initial weights and data order.
     tf.keras.utils.set_random_seed(config.train.seed)
     logger.info(
-        "process %d of %d (pid %d, %s threads%s)", context.rank, context.size, os.getpid(),
+        "process %d of %d (pid %d, %s threads%s%s)", context.rank, context.size, os.getpid(),
         threads or "default", f", bound to cores {cores}" if cores else "",
+        f", Horovod cycle {context.cycle_time_ms} ms" if context.cycle_time_ms else "",
     )  # fmt: skip
 
     # Data: rank 0 generates the toy dataset if needed while the others wait; then every rank

@@ -162,3 +162,34 @@ stop.set()
     share = len(allowed) // 2
     second_half = allowed[share : 2 * share]
     assert json.loads(result.stdout) == [second_half, second_half, second_half]
+
+
+def test_two_rank_run_uses_the_cpu_cycle_time(two_rank_run):
+    # No GPU here and no HOROVOD_CYCLE_TIME from the test: both ranks run Horovod's
+    # coordination every CPU_CYCLE_TIME_MS instead of every millisecond.
+    from fgl_retinanet.distributed import CPU_CYCLE_TIME_MS
+
+    for log in (two_rank_run / "demo_fgl" / "log.txt",
+                two_rank_run / "demo_fgl.rank_logs/rank1.txt"):  # fmt: skip
+        assert f"Horovod cycle {CPU_CYCLE_TIME_MS:g} ms" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    "environment, configured, expected",
+    [
+        (None, 0.0, "20"),  # unset, CPU-only host: our CPU default
+        ("", 0.0, "20"),  # empty reads as 0 ms (a busy loop) in Horovod: treated as unset
+        ("5", 0.0, "5"),  # horovodrun --cycle-time-ms 5 (or the user's export) wins over auto
+        ("5", 2.5, "2.5"),  # an explicit train.horovod_cycle_ms wins over everything
+        (None, 40.0, "40"),
+    ],
+)
+def test_cycle_time_precedence(monkeypatch, environment, configured, expected):
+    from fgl_retinanet import distributed
+
+    if environment is None:
+        monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    else:
+        monkeypatch.setenv("HOROVOD_CYCLE_TIME", environment)
+    distributed._set_cycle_time(configured)
+    assert os.environ["HOROVOD_CYCLE_TIME"] == expected

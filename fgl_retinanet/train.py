@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -548,29 +547,28 @@ def _epoch_stream(batches, initial_epoch: int, config: Config, num_classes: int)
 
     Keras' own Sequence handling re-creates iterators per epoch and calls on_epoch_end from
     worker threads; one stream over all epochs keeps each epoch's order a pure function of
-    (seed, epoch), which resuming and Horovod sharding rely on.
+    (seed, epoch) and each image's augmentation one of (seed, rank, epoch, position), which
+    resuming and Horovod sharding rely on.
     """
     workers = config.train.workers
-    lock = threading.Lock()
 
-    def build(group):
-        # keras-retinanet's transform generator is a plain Python generator: one caller at a time.
-        with lock:
-            transforms = [batches.next_transform() for _ in group]
-        return batches.build_batch(group, transforms)
+    def build(epoch, step, group):
+        # Each image's transform depends on (seed, rank, epoch, position) only, so the thread
+        # that builds a batch, and the epochs run before in this process, cannot change it.
+        return batches.build_batch(group, batches.batch_transforms(step, epoch))
 
     def generate():
         for epoch in range(initial_epoch, config.train.epochs):
             batches.set_epoch(epoch)
             groups = list(batches.groups)
             if workers <= 0:
-                yield from (build(group) for group in groups)
+                yield from (build(epoch, step, group) for step, group in enumerate(groups))
                 continue
             # Bounded, ordered prefetch: at most 2 x workers batches in memory.
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 queue = collections.deque()
-                for group in groups:
-                    queue.append(pool.submit(build, group))
+                for step, group in enumerate(groups):
+                    queue.append(pool.submit(build, epoch, step, group))
                     if len(queue) >= 2 * workers:
                         yield queue.popleft().result()
                 while queue:

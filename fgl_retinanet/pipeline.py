@@ -107,6 +107,7 @@ class VocSequence(Generator):
         self.transform_stream = transform_generator
         self._stream_lock = threading.Lock()
         self._stream_next = 0
+        self._stream_floor = 0
         self._stream_pending = {}
 
         super().__init__(
@@ -196,8 +197,10 @@ class VocSequence(Generator):
         self.group_images()
         # Stream draws held for slots of earlier epochs that never asked are not needed again.
         with self._stream_lock:
-            start = epoch * self.images_per_rank
-            self._stream_pending = {k: v for k, v in self._stream_pending.items() if k >= start}
+            self._stream_floor = epoch * self.images_per_rank
+            self._stream_pending = {
+                k: v for k, v in self._stream_pending.items() if k >= self._stream_floor
+            }
 
     def on_epoch_end(self):
         self.set_epoch(self.epoch + 1)
@@ -246,7 +249,10 @@ class VocSequence(Generator):
                     "gives each image slot of each epoch one transform, in order"
                 )
             while self._stream_next <= index:
-                self._stream_pending[self._stream_next] = next(self.transform_stream)
+                draw = next(self.transform_stream)
+                # Draws of epochs before the current one (a resumed run) are skipped, not held.
+                if self._stream_next >= self._stream_floor or self._stream_next == index:
+                    self._stream_pending[self._stream_next] = draw
                 self._stream_next += 1
             return self._stream_pending.pop(index)
 

@@ -446,6 +446,7 @@ class RunRecorder(tf.keras.callbacks.Callback):
             "schedule": self.schedule.state,
             "early_stopping": self.stopper.state,
             "processes": self.context.size,
+            "loss_scale": loss_scale_state(self.model.optimizer),
         }
         _atomic_write(folder / f"{stem}.state.json", json.dumps(state, indent=2))
         _atomic_write(folder / "latest.txt", stem + "\n")
@@ -525,6 +526,27 @@ def weights_checksum(model) -> str:
     for weight in model.get_weights():
         digest.update(np.ascontiguousarray(weight).tobytes())
     return digest.hexdigest()
+
+
+def loss_scale_state(optimizer) -> dict | None:
+    """The dynamic loss scale and its growth counter under mixed precision, else None.
+
+    Keras' LossScaleOptimizer leaves both out of get_weights(), so a snapshot of the Adam
+    weights alone would restart a resumed run at the initial scale.
+    """
+    counter = getattr(optimizer, "dynamic_counter", None)
+    if counter is None:
+        return None
+    return {"scale": float(optimizer.loss_scale.numpy()), "counter": int(counter.numpy())}
+
+
+def restore_loss_scale(optimizer, state: dict | None) -> None:
+    """Sets what loss_scale_state saved (nothing for None or an optimizer without scaling)."""
+    if state is None or getattr(optimizer, "dynamic_counter", None) is None:
+        return
+    # NOTE: Keras has no public setter for the current scale; the variable is its own.
+    optimizer._loss_scale.current_loss_scale.assign(state["scale"])
+    optimizer.dynamic_counter.assign(state["counter"])
 
 
 def _coco_results(evaluator: "Evaluator", detections: dict) -> dict:
@@ -622,6 +644,8 @@ def _restore(model, out: Path, schedule, stopper) -> int:
     state = json.loads((folder / f"{stem}.state.json").read_text())
     schedule.state.update(state["schedule"])
     stopper.state.update(state["early_stopping"])
+    # Snapshots from before the loss scale was saved have no such key: it restarts then.
+    restore_loss_scale(model.optimizer, state.get("loss_scale"))
     logger.info(
         "resumed from %s (epoch %d, optimizer iteration %d, plateau factor %g)",
         stem, state["epoch"], int(model.optimizer.iterations.numpy()),

@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     dataset = load_split(root, config.data.train_split, config)
     batches = make_generator(dataset, config, training=True)
     batches.set_epoch(0)
-    built = [batches.build_batch(group, [batches.next_transform() for _ in group])
-             for group in list(batches.groups)]  # fmt: skip
+    built = [batches.build_batch(group, batches.batch_transforms(step))
+             for step, group in enumerate(batches.groups)]  # fmt: skip
     images = np.concatenate([b[0] for b in built])
     regression = np.concatenate([b[1][0] for b in built])
     classification = np.concatenate([b[1][1] for b in built])

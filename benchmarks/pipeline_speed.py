@@ -107,9 +107,14 @@ def main(argv=None) -> int:
         for index in range(count):
             theirs.compute_input_output([index])
 
+    # Both read their transform stream in the same order: ours serves draw pass x count + index
+    # to image slot (pass, index), so each pass is a new epoch of its stream.
+    passes = iter(range(10**9))
+
     def ours_pass():
+        epoch = next(passes)
         for index in range(count):
-            ours.build_batch([index], [ours.next_transform()])
+            ours.build_batch([index], [ours.transform_at(epoch, index)])
 
     theirs_pass()
     ours_pass()
@@ -137,7 +142,8 @@ def main(argv=None) -> int:
         if all_cores:
             os.sched_setaffinity(0, all_cores)
         work = [index for _ in range(args.rounds) for index in range(count)]
-        transforms = [ours.next_transform() for _ in work]
+        epochs = [next(passes) for _ in range(args.rounds)]
+        transforms = [ours.transform_at(epoch, index) for epoch in epochs for index in range(count)]
         for threads in sorted({1, args.threads}):
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
                 started = time.perf_counter()

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     # Input: the whole batch, then the anchor targets alone on the same images.
     def build():
-        return batches.build_batch(group, [batches.next_transform() for _ in group])
+        return batches.build_batch(group, batches.batch_transforms(0))
 
     images, targets = build()
     input_seconds = timed(build, args.repeats)

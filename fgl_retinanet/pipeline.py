@@ -2,8 +2,9 @@
 
 keras-retinanet supplies the resize rule, augmentation transforms and the anchor layout; this
 subclass supplies the data (already validated by fgl_retinanet.data), a deterministic per-epoch
-order that can be sharded across processes, border clipping instead of dropping, and partial
-batches so one epoch is exactly one pass over the list.
+order that can be sharded across processes, augmentation drawn per image slot from (seed, rank,
+epoch, position) so a resumed run repeats an uninterrupted one, border clipping instead of
+dropping, and partial batches so one epoch is exactly one pass over the list.
 
 The per-image work is keras-retinanet's arithmetic without its overheads, and produces the
 same inputs and targets bit for bit (tests/test_pipeline.py compares them): anchors are cached
@@ -32,7 +33,7 @@ from keras_retinanet.utils.image import (
     apply_transform,
     preprocess_image,
 )
-from keras_retinanet.utils.transform import random_transform_generator, transform_aabb
+from keras_retinanet.utils.transform import random_transform, transform_aabb
 
 from fgl_retinanet.data import DataError, VocDataset, read_image_bgr
 
@@ -63,7 +64,12 @@ class VocSequence(Generator):
         training: shuffle each epoch and augment; otherwise fixed order, no augmentation.
         rank, world: this process's share of every epoch under Horovod.
         transform_generator: any keras-retinanet transform generator (rotation, shear, scaling,
-            translation, flips); None builds the horizontal flips of `data.flip_chance`.
+            translation, flips), read as one stream: its draw number epoch x images_per_rank +
+            position goes to that image slot, whatever order threads ask in, and a resumed run
+            skips the draws of earlier epochs. So a generator with a fixed-seed prng reproduces
+            an uninterrupted run; one that draws from numpy's global state does not. None: the
+            horizontal flips of `data.flip_chance` when training, drawn per image from (seed,
+            rank, epoch, position) alone.
         anchor_cache_size: anchor sets kept, one per feature-map shape (about 12 MiB each at
             800 x 1333).
     """
@@ -94,16 +100,18 @@ class VocSequence(Generator):
         values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)
         self.normalisation = preprocess_image(values, mode="caffe")
 
-        # Augmentation: keras-retinanet's transform generator, seeded per rank.
-        transforms = transform_generator
-        if transforms is None and training and config.data.flip_chance > 0:
-            prng = np.random.RandomState(self.seed * 1000 + rank)
-            transforms = random_transform_generator(
-                prng=prng, flip_x_chance=config.data.flip_chance
-            )
+        # Augmentation: keras-retinanet's random_transform, seeded per image slot (see
+        # transform_at), or a caller's transform generator read in slot order. keras-retinanet's
+        # Generator gets none, so none of its own methods can consume the stream out of order.
+        self.flip_chance = config.data.flip_chance if training else 0.0
+        self.transform_stream = transform_generator
+        self._stream_lock = threading.Lock()
+        self._stream_next = 0
+        self._stream_floor = 0
+        self._stream_pending = {}
 
         super().__init__(
-            transform_generator=transforms,
+            transform_generator=None,
             batch_size=config.train.batch_size,
             group_method="none",
             shuffle_groups=False,
@@ -187,15 +195,68 @@ class VocSequence(Generator):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.group_images()
+        # Stream draws held for slots of earlier epochs that never asked are not needed again.
+        with self._stream_lock:
+            self._stream_floor = epoch * self.images_per_rank
+            self._stream_pending = {
+                k: v for k, v in self._stream_pending.items() if k >= self._stream_floor
+            }
 
     def on_epoch_end(self):
         self.set_epoch(self.epoch + 1)
 
-    # --- batch assembly ---
+    # --- augmentation: a pure function of the image slot ---
 
-    def next_transform(self):
-        """The next random transform (None without augmentation); not thread-safe."""
-        return next(self.transform_generator) if self.transform_generator else None
+    def transform_at(self, epoch: int, position: int):
+        """The transform of one image slot of this rank's epoch (None without augmentation).
+
+        The same (seed, rank, epoch, position) gives the same transform, however many epochs
+        ran before in this process and whichever thread asks, so a resumed run and any number
+        of loader threads see the transforms of an uninterrupted run. Thread-safe.
+
+        Args:
+            epoch: 0-based epoch.
+            position: the image's place in this rank's share of the epoch, 0-based
+                (step x batch_size + place in the batch).
+
+        Returns:
+            A 3x3 keras-retinanet transform matrix, or None.
+        """
+        if self.transform_stream is not None:
+            return self._stream_draw(epoch * self.images_per_rank + position)
+        if self.flip_chance <= 0:
+            return None
+        prng = np.random.default_rng([self.seed, self.rank, epoch, position])
+        return random_transform(prng=prng, flip_x_chance=self.flip_chance)
+
+    def batch_transforms(self, step: int, epoch: int | None = None) -> list:
+        """One transform (or None) per image of batch `step` of `epoch` (default: the current).
+
+        Batches have the same sizes in every epoch, so step alone gives the positions.
+        """
+        epoch = self.epoch if epoch is None else epoch
+        first = step * self.batch_size
+        last = min(first + self.batch_size, self.images_per_rank)
+        return [self.transform_at(epoch, position) for position in range(first, last)]
+
+    def _stream_draw(self, index: int):
+        # A caller's generator is one stream: draws are taken in slot order and held until
+        # their slot asks, so threads asking out of order still get their own draw.
+        with self._stream_lock:
+            if index < self._stream_next and index not in self._stream_pending:
+                raise RuntimeError(
+                    f"transform_generator draw {index} was already used: a generator stream "
+                    "gives each image slot of each epoch one transform, in order"
+                )
+            while self._stream_next <= index:
+                draw = next(self.transform_stream)
+                # Draws of epochs before the current one (a resumed run) are skipped, not held.
+                if self._stream_next >= self._stream_floor or self._stream_next == index:
+                    self._stream_pending[self._stream_next] = draw
+                self._stream_next += 1
+            return self._stream_pending.pop(index)
+
+    # --- batch assembly ---
 
     def build_batch(self, group: list, transforms: list):
         """Images and [regression, classification] targets for a group of image indices.
@@ -222,9 +283,13 @@ class VocSequence(Generator):
             annotations.append(boxes)
         return self.compute_inputs(images), self.compute_targets(images, annotations)
 
+    def __getitem__(self, step: int):
+        """The keras Sequence entry point: batch `step` of the current epoch."""
+        return self.build_batch(self.groups[step], self.batch_transforms(step))
+
     def compute_input_output(self, group):
-        """keras-retinanet's Sequence entry point, routed through build_batch."""
-        return self.build_batch(group, [self.next_transform() for _ in group])
+        """keras-retinanet's entry point for a group of the current epoch, via build_batch."""
+        return self[self.groups.index(list(group))]
 
     def filter_annotations(self, image_group, annotations_group, group):
         """Keeps every box: VocDataset already clipped them to the image and reported it.

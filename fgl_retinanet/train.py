@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -448,6 +447,7 @@ class RunRecorder(tf.keras.callbacks.Callback):
             "schedule": self.schedule.state,
             "early_stopping": self.stopper.state,
             "processes": self.context.size,
+            "loss_scale": loss_scale_state(self.model.optimizer),
         }
         _atomic_write(folder / f"{stem}.state.json", json.dumps(state, indent=2))
         _atomic_write(folder / "latest.txt", stem + "\n")
@@ -529,6 +529,27 @@ def weights_checksum(model) -> str:
     return digest.hexdigest()
 
 
+def loss_scale_state(optimizer) -> dict | None:
+    """The dynamic loss scale and its growth counter under mixed precision, else None.
+
+    Keras' LossScaleOptimizer leaves both out of get_weights(), so a snapshot of the Adam
+    weights alone would restart a resumed run at the initial scale.
+    """
+    counter = getattr(optimizer, "dynamic_counter", None)
+    if counter is None:
+        return None
+    return {"scale": float(optimizer.loss_scale.numpy()), "counter": int(counter.numpy())}
+
+
+def restore_loss_scale(optimizer, state: dict | None) -> None:
+    """Sets what loss_scale_state saved (nothing for None or an optimizer without scaling)."""
+    if state is None or getattr(optimizer, "dynamic_counter", None) is None:
+        return
+    # NOTE: Keras has no public setter for the current scale; the variable is its own.
+    optimizer._loss_scale.current_loss_scale.assign(state["scale"])
+    optimizer.dynamic_counter.assign(state["counter"])
+
+
 def _coco_results(evaluator: "Evaluator", detections: dict) -> dict:
     """COCO AP@[.5:.95], AP50, AP75 and per-class AP of the final detections."""
     coco = coco_average_precision(evaluator.ground_truth, detections, evaluator.val_set.classes)
@@ -549,29 +570,28 @@ def _epoch_stream(batches, initial_epoch: int, config: Config, num_classes: int)
 
     Keras' own Sequence handling re-creates iterators per epoch and calls on_epoch_end from
     worker threads; one stream over all epochs keeps each epoch's order a pure function of
-    (seed, epoch), which resuming and Horovod sharding rely on.
+    (seed, epoch) and each image's augmentation one of (seed, rank, epoch, position), which
+    resuming and Horovod sharding rely on.
     """
     workers = config.train.workers
-    lock = threading.Lock()
 
-    def build(group):
-        # keras-retinanet's transform generator is a plain Python generator: one caller at a time.
-        with lock:
-            transforms = [batches.next_transform() for _ in group]
-        return batches.build_batch(group, transforms)
+    def build(epoch, step, group):
+        # Each image's transform depends on (seed, rank, epoch, position) only, so the thread
+        # that builds a batch, and the epochs run before in this process, cannot change it.
+        return batches.build_batch(group, batches.batch_transforms(step, epoch))
 
     def generate():
         for epoch in range(initial_epoch, config.train.epochs):
             batches.set_epoch(epoch)
             groups = list(batches.groups)
             if workers <= 0:
-                yield from (build(group) for group in groups)
+                yield from (build(epoch, step, group) for step, group in enumerate(groups))
                 continue
             # Bounded, ordered prefetch: at most 2 x workers batches in memory.
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 queue = collections.deque()
-                for group in groups:
-                    queue.append(pool.submit(build, group))
+                for step, group in enumerate(groups):
+                    queue.append(pool.submit(build, epoch, step, group))
                     if len(queue) >= 2 * workers:
                         yield queue.popleft().result()
                 while queue:
@@ -625,6 +645,8 @@ def _restore(model, out: Path, schedule, stopper) -> int:
     state = json.loads((folder / f"{stem}.state.json").read_text())
     schedule.state.update(state["schedule"])
     stopper.state.update(state["early_stopping"])
+    # Snapshots from before the loss scale was saved have no such key: it restarts then.
+    restore_loss_scale(model.optimizer, state.get("loss_scale"))
     logger.info(
         "resumed from %s (epoch %d, optimizer iteration %d, plateau factor %g)",
         stem, state["epoch"], int(model.optimizer.iterations.numpy()),

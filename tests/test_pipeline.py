@@ -190,6 +190,75 @@ def test_epoch_order_is_deterministic_and_shards_are_disjoint(toy_root):
     assert [i for g in again.groups for i in g] == seen_orders[1]
 
 
+def _flips(sequence, epoch, steps=None):
+    # One character per image slot of the epoch: F for a horizontal flip, . for none, - for
+    # no transform at all.
+    steps = range(len(sequence)) if steps is None else steps
+    return "".join(
+        "-" if transform is None else "F" if transform[0, 0] < 0 else "."
+        for step in steps
+        for transform in sequence.batch_transforms(step, epoch)
+    )
+
+
+def test_augmentation_is_a_function_of_the_image_slot(toy_root):
+    # What resuming relies on: epoch 1's transforms do not depend on epoch 0 having run here.
+    import concurrent.futures
+
+    dataset = VocDataset(toy_root, "train", TOY_CLASSES)
+    config = _config("train.batch_size=5", "train.seed=7", "data.flip_chance=0.5")
+    uninterrupted = VocSequence(dataset, config, training=True)
+    epoch0 = _flips(uninterrupted, 0)
+    epoch1 = _flips(uninterrupted, 1)
+    resumed = VocSequence(dataset, config, training=True)
+    assert _flips(resumed, 1) == epoch1
+    # Asked in reverse order, as loader threads may, each slot still gets its own transform.
+    reverse = range(len(resumed) - 1, -1, -1)
+    assert _flips(resumed, 1, reverse) == "".join(
+        _flips(uninterrupted, 1, [step]) for step in reverse
+    )
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        built = pool.map(lambda step: _flips(resumed, 0, [step]), range(len(resumed)))
+        assert "".join(built) == epoch0
+    # Slots differ between epochs and ranks, and about half of them flip.
+    assert len(epoch0) == 24 and epoch0 != epoch1
+    assert 6 <= epoch0.count("F") <= 18 and 6 <= epoch1.count("F") <= 18
+    rank1 = VocSequence(dataset, config, training=True, rank=1, world=2)
+    assert _flips(rank1, 0) != epoch0[:12]
+    # The batch the keras Sequence returns uses the same transforms.
+    resumed.set_epoch(1)
+    first = resumed.groups[0]
+    expected = resumed.build_batch(first, resumed.batch_transforms(0, 1))
+    np.testing.assert_array_equal(resumed[0][0], expected[0])
+    # Evaluation and flip_chance 0 draw nothing.
+    assert _flips(VocSequence(dataset, config, training=False), 0) == "-" * 24
+    no_flips = VocSequence(dataset, _config("data.flip_chance=0"), training=True)
+    assert _flips(no_flips, 0) == "-" * 24
+
+
+def test_a_transform_generator_is_read_in_slot_order(toy_root):
+    from keras_retinanet.utils.transform import random_transform_generator
+
+    dataset = VocDataset(toy_root, "train", TOY_CLASSES)
+    config = _config("train.batch_size=5", "data.flip_chance=0")
+
+    def stream():
+        return random_transform_generator(prng=np.random.RandomState(3), flip_x_chance=0.5)
+
+    reference = stream()
+    draws = [next(reference) for _ in range(48)]
+    # A fresh sequence starting at epoch 1 skips epoch 0's 24 draws, whatever the ask order.
+    resumed = VocSequence(dataset, config, training=True, transform_generator=stream())
+    resumed.set_epoch(1)
+    for position in (3, 0, 23, 1):
+        np.testing.assert_array_equal(resumed.transform_at(1, position), draws[24 + position])
+    # A slot already served cannot be served again: the stream has moved on.
+    with pytest.raises(RuntimeError, match="already used"):
+        resumed.transform_at(1, 3)
+    with pytest.raises(RuntimeError, match="already used"):
+        resumed.transform_at(0, 5)
+
+
 def test_boxes_on_the_border_reach_the_targets(toy_root):
     # keras-retinanet's filter drops boxes touching the border; ours keeps every object.
     dataset = VocDataset(toy_root, "train", TOY_CLASSES)

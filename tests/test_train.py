@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from types import SimpleNamespace
 
 import h5py
@@ -64,18 +65,71 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     assert "learning rate 0.0005 applied" in (run / "log.txt").read_text()
 
 
-def test_resume_continues_from_the_last_snapshot(tmp_path):
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    # Random flips on (the demo's 0.5): 1 epoch, then --resume for the second, must give the
+    # losses, step log and weights of 2 epochs in one go, bit for bit.
+    common = [*TINY, f"data.root={tmp_path / 'data'}", "data.flip_chance=0.5"]
+    whole = tmp_path / "whole"
+    assert cli.train_main(
+        ["--config", "configs/demo_focal.yaml", *common, "train.epochs=2",
+         f"train.output_dir={whole}"]
+    ) == 0  # fmt: skip
     out = tmp_path / "runs"
-    common = [*TINY, f"data.root={tmp_path / 'data'}", f"train.output_dir={out}"]
-    assert cli.train_main(["--config", "configs/demo_focal.yaml", *common]) == 0
+    assert cli.train_main(
+        ["--config", "configs/demo_focal.yaml", *common, f"train.output_dir={out}"]
+    ) == 0
     run = out / "demo_focal"
-    assert cli.train_main(["--resume", str(run), "train.epochs=2"]) == 0
+    # Two loader threads on resume (one before): which thread builds a batch must not matter.
+    assert cli.train_main(["--resume", str(run), "train.epochs=2", "train.workers=2"]) == 0
     rows = _read_metrics(run)
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert (run / "snapshots" / "epoch_002.h5").is_file()
     # The optimizer continued: Adam's iteration count after epoch 1 was 2 steps of 8 images.
     log = (run / "log.txt").read_text()
     assert "resumed from epoch_001 (epoch 1, optimizer iteration 2," in log
+
+    expected = _read_metrics(whole / "demo_focal")
+    columns = ("loss", "regression_loss", "classification_loss", "lr", "mAP")
+    assert [[row[c] for c in columns] for row in rows] == [
+        [row[c] for c in columns] for row in expected
+    ]
+    assert rows[0]["loss"] != rows[1]["loss"]
+    history = [json.loads((r / "results.json").read_text())["history"]
+               for r in (run, whole / "demo_focal")]  # fmt: skip
+    assert [[e[c] for c in columns] for e in history[0]] == [
+        [e[c] for c in columns] for e in history[1]
+    ]
+    steps = [(r / "steps.csv").read_text() for r in (run, whole / "demo_focal")]
+    assert steps[0] == steps[1] and len(steps[0].splitlines()) == 1 + 4
+    assert _final_checksum(run) == _final_checksum(whole / "demo_focal")
+
+
+def _final_checksum(run):
+    # The log holds one line per fgl-train call; the last is the finished run's.
+    return re.findall(r"weights checksum (\w+)", (run / "log.txt").read_text())[-1]
+
+
+def test_the_loss_scale_survives_a_snapshot():
+    # Mixed precision: Keras leaves the dynamic loss scale out of the optimizer's weights.
+    import tensorflow as tf
+
+    from fgl_retinanet.train import loss_scale_state, restore_loss_scale
+
+    def optimizer():
+        return tf.keras.mixed_precision.LossScaleOptimizer(tf.keras.optimizers.legacy.Adam())
+
+    trained = optimizer()
+    assert loss_scale_state(trained) == {"scale": 2.0**15, "counter": 0}
+    trained._loss_scale.current_loss_scale.assign(1024.0)
+    trained.dynamic_counter.assign(17)
+    state = json.loads(json.dumps(loss_scale_state(trained)))
+    resumed = optimizer()
+    restore_loss_scale(resumed, state)
+    assert float(resumed.loss_scale) == 1024.0 and int(resumed.dynamic_counter) == 17
+    # Full precision: nothing to save, and an old snapshot without the key restores nothing.
+    assert loss_scale_state(tf.keras.optimizers.legacy.Adam()) is None
+    restore_loss_scale(resumed, None)
+    assert float(resumed.loss_scale) == 1024.0
 
 
 def test_real_voc_sample_with_resnet50(voc_sample, tmp_path):

@@ -27,6 +27,7 @@ from fgl_retinanet.config import (
     resolve_path,
     validate_paths,
 )
+from fgl_retinanet.distributed import tensorflow_environment
 
 DEMO_EXPERIMENT = "configs/experiments/demo.yaml"
 
@@ -393,8 +394,8 @@ def _console_logging(name: str):
 
 
 def _quiet_tensorflow() -> None:
-    # TensorFlow's C++ start-up chatter hides our own log lines; warnings and errors remain.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    # Process-wide TensorFlow options must be set before TensorFlow is first used.
+    tensorflow_environment()
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 

@@ -39,6 +39,20 @@ class Context:
         return self.hvd is not None
 
 
+def tensorflow_environment() -> None:
+    """Sets TensorFlow's process-wide options; call before TensorFlow allocates anything.
+
+    Each is a default: a value already in the environment wins.
+    """
+    # TensorFlow's C++ start-up chatter hides our own log lines; warnings and errors remain.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    # TensorFlow's CPU allocator otherwise takes every op output from malloc, and outputs of
+    # tens of MB come back as fresh pages the kernel must fault in and zero (the loss alone
+    # makes a dozen 26 MB outputs per VOC step). Its BFC pool reuses freed blocks instead:
+    # measured here, the loss kernel ran 1.5x and keras-retinanet's focal 1.2x faster.
+    os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
+
 def launched_by_horovod() -> bool:
     return any(name in os.environ for name in _LAUNCHER_VARIABLES)
 

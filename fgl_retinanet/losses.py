@@ -238,22 +238,25 @@ class FocalLoss(tf.keras.losses.Loss):
         Returns:
             () float32 loss.
         """
-        gamma, differentiate_factor = self.gamma, self.differentiate_factor
-        fl_term = differentiate_factor and gamma != 0.0
-        # Gamma 2 (the paper's and the post's) gets one-pass kernels: with A = -2 * alpha_t,
-        # ReciprocalGrad(y, A) = -A * y**2 gives 2 * alpha_t * (1 - p_t)**2 (twice the weight,
-        # which is exactly what FL's extra gradient term needs) and RsqrtGrad(y, A) =
-        # -A / 2 * y**3 gives the cross-entropy slope alpha_t * (1 - p_t)**3.
-        fast = gamma == 2.0
-        scale = -2.0 if fast else 1.0
+        alpha, gamma = self.alpha, self.gamma
+        fl_term = self.differentiate_factor and gamma != 0.0
 
         # Each op below is one pass over (batch, anchors, classes) elements (TensorFlow runs
-        # every op as its own loop on CPU), so there are as few as the maths allows.
+        # every op as its own loop on CPU), so there are as few as the maths allows, and the
+        # constant factors (alpha, 1/N, 2, signs) are folded into scalars where they can be.
         # sign is +1 for the label 1, -1 for 0 and 0 where ignored: z_t = sign * z.
         sign = tf.where(is_positive, valid, -valid)
-        alpha_weight = tf.where(
-            is_positive, (scale * self.alpha) * valid, (scale * (1.0 - self.alpha)) * valid
-        )
+        # alpha_weight = alpha_t * valid / base from sign in one unary op (a second
+        # broadcasting select would cost more): leaky_relu keeps 1 and maps -1 to (1-a)/a.
+        if alpha > 0.0:
+            alpha_weight, base = tf.nn.leaky_relu(sign, alpha=-(1.0 - alpha) / alpha), alpha
+        else:
+            alpha_weight, base = tf.nn.relu(-sign), 1.0
+        # Gamma 2 (the paper's and the post's) has one-pass kernels: ReciprocalGrad(y, dy) is
+        # -dy * y**2 and RsqrtGrad(y, dy) is -dy / 2 * y**3.
+        fast = gamma == 2.0
+        # The weight tensor holds `scale` times alpha_t * (1 - p_t)**gamma.
+        scale = -1.0 / base if fast else 1.0 / base
 
         @tf.custom_gradient
         def loss(z: tf.Tensor) -> tf.Tensor:
@@ -265,7 +268,6 @@ class FocalLoss(tf.keras.losses.Loss):
             p_t = tf.maximum(tf.sigmoid(z_t), _SMALLEST_NORMAL)
             one_minus_p_t = 1.0 - p_t
 
-            # weight = alpha_t * (1 - p_t)**gamma, times 2 for gamma 2; 0 where ignored.
             if fast:
                 weight = tf.raw_ops.ReciprocalGrad(y=one_minus_p_t, dy=alpha_weight)
             elif gamma == 0.0:
@@ -274,24 +276,26 @@ class FocalLoss(tf.keras.losses.Loss):
                 weight = alpha_weight * one_minus_p_t
             else:
                 weight = alpha_weight * tf.exp(tf.math.xlogy(gamma, one_minus_p_t))
-            # xlogy is weight * log(p_t) in one pass, the element loss times -abs(scale).
+            # xlogy is weight * log(p_t) in one pass: -scale times the element loss.
             log_term = tf.math.xlogy(weight, p_t)
             # reduce_sum adds pairwise; a MatMul dot product drifts by 1e-5 over 6M terms.
-            value = tf.reduce_sum(log_term) * (-1.0 / (abs(scale) * normalizer))
+            value = tf.reduce_sum(log_term) * (-1.0 / (scale * normalizer))
 
             def gradient(upstream: tf.Tensor) -> tf.Tensor:
-                # -dL/dz_t: the cross-entropy slope (1 - p_t) times the weight, plus for FL
-                # gamma * p_t * (1 - p_t)**gamma * -log(p_t) (= -p_t * log_term for gamma 2).
+                # -dL/dz_t times N: the cross-entropy slope (1 - p_t) times the weight, plus for
+                # FL gamma * p_t * (1 - p_t)**gamma * -log(p_t). Both come out multiplied by
+                # slope_scale (RsqrtGrad halves, and gamma 2's factor is folded in).
                 if fast:
                     slope = tf.raw_ops.RsqrtGrad(y=one_minus_p_t, dy=alpha_weight)
+                    slope_scale = scale / 2
                     if fl_term:
                         slope -= p_t * log_term
                 else:
-                    slope = weight * one_minus_p_t
+                    slope, slope_scale = weight * one_minus_p_t, scale
                     if fl_term:
                         slope -= gamma * (p_t * log_term)
                 # dL/dz = sign * dL/dz_t; ignored anchors have sign 0.
-                return (slope * sign) * (-upstream / normalizer)
+                return (slope * sign) * (-upstream / (slope_scale * normalizer))
 
             return value, gradient
 

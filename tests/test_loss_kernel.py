@@ -56,7 +56,10 @@ def _value_and_gradient(function, y_true, logits):
 
 
 @pytest.mark.parametrize("loss_class", [FocalLoss, FocalGradientLoss])
-@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.25, 0.0), (0.4, 0.5), (0.75, 5.0)])
+@pytest.mark.parametrize(
+    "alpha, gamma",
+    [(0.25, 2.0), (0.25, 0.0), (0.4, 0.5), (0.75, 5.0), (0.0, 2.0), (1.0, 2.0), (0.0, 1.0)],
+)
 @pytest.mark.parametrize("scale", [1.0, 4.0, 30.0])
 def test_kernel_matches_autodiff_reference(loss_class, alpha, gamma, scale):
     y_true, logits = _batch(seed=int(10 * gamma + scale), scale=scale)

@@ -22,8 +22,12 @@ import time
 
 import numpy as np
 
-# Quiet TensorFlow's start-up banner before it is imported.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from fgl_retinanet.distributed import tensorflow_environment  # noqa: E402
+
+# The TensorFlow options our entry points set (quiet start-up, BFC CPU allocator), before
+# TensorFlow is imported; a value already in the environment wins, e.g.
+# TF_CPU_ALLOCATOR_USE_BFC=false for TensorFlow's default allocator.
+tensorflow_environment()
 
 import tensorflow as tf  # noqa: E402
 from keras_retinanet.losses import focal as retinanet_focal  # noqa: E402
@@ -137,12 +141,14 @@ def main(argv=None) -> int:
         "memory_bound_ms": round(1e3 * bound, 2),
         "memory_bound_ratio_to_keras_retinanet": round(bound / baseline, 3),
         "load_average": os.getloadavg(),
+        "tf_cpu_allocator_use_bfc": os.environ["TF_CPU_ALLOCATOR_USE_BFC"],
         "rows": rows,
     }
 
     print(f"shape {result['shape']}, {result['positive_anchors']} positive and "
           f"{result['ignored_anchors']} ignored anchors, {args.repeats} interleaved repeats, "
-          f"load {result['load_average'][0]:.2f}")  # fmt: skip
+          f"load {result['load_average'][0]:.2f}, TF_CPU_ALLOCATOR_USE_BFC="
+          f"{result['tf_cpu_allocator_use_bfc']}")  # fmt: skip
     print("| implementation | median ms | min ms | x keras-retinanet | x memory bound |")
     print("|:---|---:|---:|---:|---:|")
     for row in rows:

@@ -22,7 +22,12 @@ import time
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from fgl_retinanet.distributed import tensorflow_environment  # noqa: E402
+
+# The TensorFlow options our entry points set (quiet start-up, BFC CPU allocator), before
+# TensorFlow is imported; a value already in the environment wins, e.g.
+# TF_CPU_ALLOCATOR_USE_BFC=false for TensorFlow's default allocator.
+tensorflow_environment()
 
 import tensorflow as tf  # noqa: E402
 from keras_retinanet import losses as kr_losses  # noqa: E402

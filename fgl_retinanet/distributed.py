@@ -221,10 +221,17 @@ def broadcast_variables(context: Context, variables) -> None:
 def average_variables(context: Context, variables) -> None:
     """Horovod: replace each variable by its mean over ranks (batch-norm moving statistics
     are updated from each rank's own images and would otherwise drift apart)."""
-    if not context.distributed:
+    if not context.distributed or not variables:
         return
-    for variable in variables:
-        variable.assign(context.hvd.allreduce(variable, op=context.hvd.Average))
+    import horovod.tensorflow as hvd_tf
+
+    # One grouped all-reduce: one variable at a time costs a negotiation cycle each (about
+    # 40 ms at the CPU cycle time), seconds per evaluation for a ResNet's batch norms.
+    averaged = hvd_tf.grouped_allreduce(
+        [variable.read_value() for variable in variables], op=hvd_tf.Average
+    )
+    for variable, value in zip(variables, averaged):
+        variable.assign(value)
 
 
 def broadcast_value(context: Context, value: float | None) -> float | None:

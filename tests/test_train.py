@@ -2,7 +2,10 @@
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import h5py
@@ -246,3 +249,29 @@ def test_a_failed_run_records_why_in_its_log(tmp_path, capsys):
     assert err.count("unicorn") == 1
     assert "stopped: DataError" in (tmp_path / "bad" / "log.txt").read_text()
     assert logging.getLogger("fgl_retinanet").propagate
+
+
+@pytest.mark.parametrize("preset", [None, "false"])
+def test_entry_points_give_tensorflow_the_bfc_cpu_allocator(preset):
+    # What the CLIs set before TensorFlow starts: the BFC pool by default (allocator statistics
+    # exist only for it), TensorFlow's own allocator when the user's environment says so.
+    script = (
+        "from fgl_retinanet.cli import _quiet_tensorflow\n"
+        "_quiet_tensorflow()\n"
+        "import tensorflow as tf\n"
+        "tf.ones([1000]).numpy()\n"
+        "try:\n"
+        "    print('peak', tf.config.experimental.get_memory_info('CPU:0')['peak'])\n"
+        "except ValueError:\n"
+        "    print('no allocator statistics')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    if preset is not None:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = preset
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    if preset is None:
+        assert int(result.stdout.split("peak")[1]) >= 4000  # the 1000 float32 ones at least
+    else:
+        assert "no allocator statistics" in result.stdout

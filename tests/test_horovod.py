@@ -193,3 +193,22 @@ def test_cycle_time_precedence(monkeypatch, environment, configured, expected):
         monkeypatch.setenv("HOROVOD_CYCLE_TIME", environment)
     distributed._set_cycle_time(configured)
     assert os.environ["HOROVOD_CYCLE_TIME"] == expected
+
+
+def test_two_rank_resume_repeats_the_uninterrupted_run(two_rank_run, tmp_path):
+    # The fixture trained 2 epochs on 2 ranks in one go; 1 epoch, then --resume for the
+    # second, must give the same losses and the same final weights (flips drawn per image).
+    repo = Path(__file__).resolve().parents[1]
+    args = [*SMALL, f"data.root={two_rank_run / 'data'}", f"train.output_dir={tmp_path}"]
+    first = horovodrun([*args, "train.epochs=1"], cwd=repo)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = tmp_path / "demo_fgl"
+    second = horovodrun(["--resume", str(run), "train.epochs=2"], cwd=repo)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    columns = ("epoch", "loss", "regression_loss", "classification_loss", "lr", "images_seen")
+    resumed = [[row[c] for c in columns] for row in metrics(run)]
+    whole = [[row[c] for c in columns] for row in metrics(two_rank_run / "demo_fgl")]
+    assert resumed == whole and len(resumed) == 2
+    final = re.findall(r"weights checksum ([0-9a-f]{40})", (run / "log.txt").read_text())[-1]
+    assert final == checksum(two_rank_run / "demo_fgl" / "log.txt")

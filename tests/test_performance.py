@@ -166,7 +166,8 @@ def test_mixed_precision_model_keeps_a_trained_models_map(tmp_path, float32_poli
     config = load_config(run / "config.yaml", ["train.mixed_precision=true"])
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
     model = build_training_model(config, len(config.data.classes))
-    snapshot = run / "snapshots" / f"{(run / 'snapshots' / 'latest.txt').read_text().strip()}.h5"
+    latest = (run / "snapshots" / "latest.txt").read_text().strip()
+    snapshot = run / "snapshots" / f"{latest}.h5"
     model.load_weights(str(snapshot))
     assert model.layers[-1].compute_dtype == "float32"
     assert any(layer.compute_dtype == "float16" for layer in model.layers)

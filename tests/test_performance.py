@@ -174,8 +174,11 @@ def test_mixed_precision_model_keeps_a_trained_models_map(tmp_path, float32_poli
     inference = build_inference_model(model, config)
     val_set = load_split(dataset_root(config), config.data.val_split, config)
     detections = detect(inference, val_set, config)
-    mixed = average_precisions_all(val_set.ground_truth(), detections, val_set.classes,
-                                   iou_threshold=config.eval.iou_threshold)["area"]["mAP"]  # fmt: skip
+    by_metric = average_precisions_all(
+        val_set.ground_truth(), detections, val_set.classes,
+        iou_threshold=config.eval.iou_threshold,
+    )  # fmt: skip
+    mixed = by_metric["area"]["mAP"]
     print(f"mAP float32 {reference:.4f}, mixed precision {mixed:.4f}")
     assert mixed == pytest.approx(reference, abs=0.02)
 

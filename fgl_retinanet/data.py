@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import textwrap
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -233,6 +234,8 @@ class VocDataset:
         try:
             with Image.open(image_path) as image:
                 width, height = image.size
+            if truncated_jpeg(image_path):
+                raise OSError("truncated JPEG: no end-of-image marker (the file was cut short)")
         except (OSError, UnidentifiedImageError) as e:
             self.report.unreadable_images += 1
             self.report.problems.append((str(image_path), f"missing or unreadable image: {e}"))
@@ -323,15 +326,38 @@ def load_split(root, split: str, config, raise_errors: bool = True) -> VocDatase
     )
 
 
+def truncated_jpeg(path: Path, tail: int = 4096) -> bool:
+    """True for a JPEG file whose end-of-image marker is missing: the file was cut short.
+
+    Decoders accept such files: OpenCV fills the missing rows with grey and only libjpeg's
+    stderr says "Premature end of JPEG file", so the image would train with boxes on grey.
+    Inside a JPEG's compressed data every 0xFF byte is stuffed (followed by 0x00), so the
+    marker bytes 0xFF 0xD9 near the end are the end-of-image marker. Some writers append
+    bytes after it, hence a search of the last `tail` bytes rather than of the last two.
+    Files that do not start like a JPEG are left to the decoder.
+    """
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return False
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(2, size - tail))
+        return b"\xff\xd9" not in f.read()
+
+
 def read_image_bgr(path: Path) -> np.ndarray:
     """Reads an image as uint8 BGR (the channel order keras-retinanet's preprocessing expects).
 
     The EXIF orientation tag is ignored, as keras-retinanet's PIL reader and the VOC devkit
     do: annotations refer to the stored pixels, whose size the header check recorded.
+
+    Raises:
+        DataError: for a file that cannot be decoded or a truncated JPEG (`truncated_jpeg`).
     """
     image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise DataError(f"cannot read image {path}")
+    if truncated_jpeg(path):
+        raise DataError(f"truncated JPEG {path}: no end-of-image marker")
     return image
 
 

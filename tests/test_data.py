@@ -598,3 +598,41 @@ def test_parsing_does_not_import_tensorflow():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_truncated_jpeg_is_named_and_left_out(tmp_path, voc_sample):
+    # A genuine VOC JPEG cut to a third decodes without error (grey rows below the cut) and
+    # PIL reads its header; only the missing end-of-image marker shows it. It must be counted
+    # and named, not trained with its boxes over grey.
+    import shutil
+
+    from fgl_retinanet.data import DataError, read_image_bgr, truncated_jpeg
+
+    root = tmp_path / "VOC2007"
+    shutil.copytree(voc_sample, root)
+    image_id = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()[0]
+    path = root / "JPEGImages" / f"{image_id}.jpg"
+    assert not truncated_jpeg(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    assert truncated_jpeg(path)
+    with pytest.raises(DataError, match="truncated JPEG"):
+        read_image_bgr(path)
+
+    dataset = VocDataset(root, "trainval", VOC_CLASSES)
+    assert image_id not in [record.image_id for record in dataset.records]
+    assert dataset.report.unreadable_images == 1
+    problems = dict(dataset.report.problems)
+    assert "truncated JPEG" in problems[str(path)]
+
+
+def test_bytes_after_the_end_marker_are_not_truncation(tmp_path, voc_sample):
+    from fgl_retinanet.data import truncated_jpeg
+
+    source = next((voc_sample / "JPEGImages").glob("*.jpg"))
+    padded = tmp_path / "padded.jpg"
+    padded.write_bytes(source.read_bytes() + b"\x00" * 100)
+    assert not truncated_jpeg(padded)
+    other = tmp_path / "not_a_jpeg.jpg"
+    other.write_text("not an image")
+    assert not truncated_jpeg(other)  # left to the decoder, which reports it

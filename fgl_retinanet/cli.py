@@ -39,7 +39,7 @@ def train_main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config (may inherit through _base_)")
     parser.add_argument("--resume", help="run directory to continue from its last snapshot")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=1")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     # Everything that can be checked without TensorFlow is checked first, in one line.
     try:
@@ -82,7 +82,7 @@ def demo_main(argv=None) -> int:
     )
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to both runs")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     # The demo is an experiment file: the same runner, resume and report as a real experiment.
     return experiment_main([DEMO_EXPERIMENT, "--out", args.out, *args.overrides], prog="fgl-demo")
@@ -99,7 +99,7 @@ def experiment_main(argv=None, prog: str = "fgl-experiment") -> int:
     parser.add_argument("--np", type=int, help="Horovod processes per run (horovodrun -np N)")
     parser.add_argument("--out", help="output directory (default: the file's output_dir)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from fgl_retinanet import experiment as runner
 
@@ -186,7 +186,7 @@ def evaluate_main(argv=None) -> int:
     parser.add_argument("--out", help="output directory (default: RUN/eval_<split>)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
     parser.add_argument("overrides", nargs="*", help="overrides, e.g. eval.max_detections=50")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     # Resolve every input before TensorFlow is imported.
     try:
@@ -260,7 +260,7 @@ def check_data_main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config whose data.* keys apply (classes, policies)")
     parser.add_argument("--json", help="also write the report here as JSON")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.bad_boxes=skip")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     try:
         overrides = list(args.overrides)

@@ -93,6 +93,11 @@ def test_dry_run_prints_commands_and_budget(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{sys.executable} -m fgl_retinanet.cli --config" in out and "horovodrun" not in out
 
+    # Overrides may follow the options as well as precede them.
+    assert cli.experiment_main([str(path), "--dry-run", "train.epochs=2", "--np", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "x 2 epochs" in out and "train.epochs=2" in out
+
 
 def test_voc_experiment_file_is_the_posts_setup():
     plan = experiment.load_experiment("configs/experiments/voc2012_gamma2.yaml")

@@ -74,6 +74,7 @@ class DataReport:
     unreadable_images: int = 0  # listed but missing or not decodable, left out
     missing_annotations: int = 0  # listed in the split without an XML file, left out
     malformed_annotations: int = 0  # XML that does not parse, left out
+    images_without_objects: int = 0  # kept: every anchor background (skipped objects included)
 
     @property
     def can_train(self) -> bool:
@@ -88,7 +89,7 @@ class DataReport:
         """
         name = f"{Path(self.root).name}/{self.split}: " if self.split else ""
         lines = [
-            f"{name}{self.images} images, {self.objects} objects "
+            f"{name}{_count(self.images, 'image')}, {_count(self.objects, 'object')} "
             f"({self.difficult} difficult, {self.truncated} truncated)"
         ]
         if self.per_class:
@@ -96,16 +97,17 @@ class DataReport:
             lines += textwrap.wrap(
                 f"objects per class: {counts}", width=100, subsequent_indent="  "
             )
-        counts = {
-            "objects with unknown class names skipped": self.skipped_objects,
-            "objects without a usable box skipped": self.bad_boxes,
-            "boxes crossing the border clipped": self.clipped_boxes,
-            "images whose <size> disagrees with the file": self.size_mismatches,
-            "images missing or unreadable, left out": self.unreadable_images,
-            "listed ids without an annotation file, left out": self.missing_annotations,
-            "malformed annotation files, left out": self.malformed_annotations,
-        }
-        lines += [f"{count} {what}" for what, count in counts.items() if count]
+        counts = [
+            (self.skipped_objects, "object", "with an unknown class name skipped"),
+            (self.bad_boxes, "object", "without a usable box skipped"),
+            (self.clipped_boxes, "box", "crossing the border clipped"),
+            (self.size_mismatches, "image", "whose <size> disagrees with the file"),
+            (self.unreadable_images, "image", "missing or unreadable, left out"),
+            (self.missing_annotations, "listed id", "without an annotation file, left out"),
+            (self.malformed_annotations, "malformed annotation file", "left out"),
+            (self.images_without_objects, "image", "without objects, kept (all background)"),
+        ]
+        lines += [f"{_count(count, noun)} {what}" for count, noun, what in counts if count]
         if self.unknown_names:
             names = ", ".join(f"{n!r} x{c}" for n, c in sorted(self.unknown_names.items()))
             lines.append(f"unknown class names: {names}")
@@ -126,6 +128,12 @@ class DataReport:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"can_train": self.can_train}
+
+
+def _count(count: int, noun: str) -> str:
+    """'1 image', '2 images', '3 boxes'."""
+    plural = noun + ("es" if noun.endswith(("s", "x")) else "s")
+    return f"{count} {noun if count == 1 else plural}"
 
 
 def write_data_report(path, reports: dict) -> dict:
@@ -279,6 +287,7 @@ class VocDataset:
             self.report.per_class[name] += 1
 
         self.report.objects += len(boxes)
+        self.report.images_without_objects += not boxes
         self.report.difficult += sum(difficult)
         self.report.truncated += sum(truncated)
         return ImageRecord(

@@ -52,7 +52,7 @@ def test_error_policy_exits_non_zero_and_reports_everything(tmp_path, capsys):
     skipped = "skipped object: object 0 named 'persn'"
     assert all(f"u{i:02d}.xml: {skipped}" in printed for i in range(30))
     assert "noxml.xml: listed in the split but missing" in printed
-    assert "1 boxes crossing the border clipped" in printed
+    assert "1 box crossing the border clipped" in printed
     assert "training cannot proceed" in printed and "more (all in the JSON" not in printed
     assert "31 images, 2 objects" in printed
 

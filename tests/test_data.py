@@ -285,7 +285,7 @@ def test_unknown_class_skip_counts_the_objects(tmp_path):
     assert dataset.report.per_class["dog"] == 1 and dataset.report.per_class["cat"] == 1
     assert "zebra" not in dataset.report.per_class
     summary = dataset.report.summary()
-    assert "2 objects with unknown class names skipped" in summary
+    assert "2 objects with an unknown class name skipped" in summary
     # The names and files are reported, so a typo like 'persn' cannot hide.
     assert dataset.report.unknown_names == {"zebra": 1, "unicorn": 1}
     assert "'unicorn' x1" in summary and "a.xml: skipped object: object 0 named 'zebra'" in summary
@@ -455,7 +455,7 @@ def test_policy_errors_recorded_without_raising(tmp_path):
     assert "without a usable box" in report.errors[1]
     assert (report.images, report.objects, report.skipped_objects, report.bad_boxes) == (2, 1, 1, 1)
     summary = report.summary()
-    assert summary.startswith("train: 2 images, 1 objects") or "/train: 2 images" in summary
+    assert summary.startswith("train: 2 images, 1 object ") or "/train: 2 images" in summary
     assert "training cannot proceed:" in summary and "data.unknown_classes=skip" in summary
     assert "objects per class: aeroplane 0" in summary and "dog 1" in summary
 
@@ -509,6 +509,11 @@ def test_image_without_objects_is_kept(tmp_path):
     assert (record.width, record.height) == (IMAGE_WIDTH, IMAGE_HEIGHT)
     assert dataset.report.images == 1 and dataset.report.objects == 0
     assert dataset.ground_truth() == {"empty": []}
+    # Kept, and counted: a split where many images lost their objects should show it.
+    assert dataset.report.images_without_objects == 1
+    summary = dataset.report.summary()
+    assert "1 image, 0 objects" in summary
+    assert "1 image without objects, kept (all background)" in summary
 
 
 def test_split_list_with_a_second_column(tmp_path):

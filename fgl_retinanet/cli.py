@@ -46,6 +46,10 @@ def train_main(argv=None) -> int:
         config_path = args.config
         if args.resume and not config_path:
             config_path = str(Path(args.resume) / "config.yaml")
+            if not Path(config_path).is_file():
+                raise ConfigError(
+                    f"--resume {args.resume} is not a run directory (no config.yaml there)"
+                )
         if not config_path:
             raise ConfigError("give --config FILE (or --resume RUN_DIR)")
         config = load_config(config_path, args.overrides)

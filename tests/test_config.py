@@ -545,3 +545,13 @@ def test_save_config_round_trip(tmp_path, name):
     assert loaded.to_dict() == config.to_dict()
     assert type(loaded.train.base_lr) is float
     assert loaded.train.run_name == "resumed"
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):
+    # One line naming the directory, before TensorFlow starts, exit code 2.
+    assert train_main(["--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"fgl-train: config error: --resume {tmp_path} is not a run directory "
+        "(no config.yaml there)"
+    )

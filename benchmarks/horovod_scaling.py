@@ -172,11 +172,11 @@ def _allreduce_worker(cycle_ms: float) -> int:
 
     sys.path.insert(0, str(ROOT))
     from fgl_retinanet.config import load_config
-    from fgl_retinanet.distributed import _set_cycle_time
+    from fgl_retinanet.distributed import set_cycle_time
     from fgl_retinanet.model import build_training_model
 
     # The same coordination cycle as the training runs (train.horovod_cycle_ms=cycle_ms).
-    _set_cycle_time(cycle_ms)
+    set_cycle_time(cycle_ms)
     hvd.init()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     config = load_config(ROOT / "configs" / "demo_fgl.yaml")

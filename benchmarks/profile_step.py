@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from fgl_retinanet.distributed import tensorflow_environment  # noqa: E402
+from fgl_retinanet.distributed import tensorflow_environment
 
 # The TensorFlow options our entry points set (quiet start-up, BFC CPU allocator), before
 # TensorFlow is imported; a value already in the environment wins, e.g.

@@ -76,7 +76,7 @@ def init(cycle_time_ms: float = 0.0) -> Context:
             "install it with scripts/install.sh"
         ) from None
     # Read once, when Horovod starts its background thread: must be set before init.
-    _set_cycle_time(cycle_time_ms)
+    set_cycle_time(cycle_time_ms)
     hvd.init()
     return Context(
         hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd,
@@ -84,8 +84,13 @@ def init(cycle_time_ms: float = 0.0) -> Context:
     )  # fmt: skip
 
 
-def _set_cycle_time(cycle_time_ms: float) -> None:
-    """Sets HOROVOD_CYCLE_TIME from the config, or for CPU-only hosts when it is unset."""
+def set_cycle_time(cycle_time_ms: float) -> None:
+    """Sets HOROVOD_CYCLE_TIME before `hvd.init()` (Horovod reads it once, at init).
+
+    Args:
+        cycle_time_ms: > 0 sets it; 0 keeps a non-empty environment value and otherwise sets
+            `CPU_CYCLE_TIME_MS` on hosts without GPUs (Horovod's default with GPUs).
+    """
     if cycle_time_ms > 0:
         os.environ["HOROVOD_CYCLE_TIME"] = f"{cycle_time_ms:g}"
         return

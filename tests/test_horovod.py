@@ -191,7 +191,7 @@ def test_cycle_time_precedence(monkeypatch, environment, configured, expected):
         monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
     else:
         monkeypatch.setenv("HOROVOD_CYCLE_TIME", environment)
-    distributed._set_cycle_time(configured)
+    distributed.set_cycle_time(configured)
     assert os.environ["HOROVOD_CYCLE_TIME"] == expected
 
 
